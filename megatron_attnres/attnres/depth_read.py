@@ -1,0 +1,136 @@
+"""The depth read of Attention Residuals (DESIGN section 3, paper Eq. 2-6).
+
+Legend for shape suffixes: N depth entries (sources), T tokens (any leading dims flattened),
+H hidden.
+
+For sources v_0..v_{N-1} (each [..., H]), pseudo-query w and key-norm gain g:
+
+    k_i = RMSNorm_g(v_i),  s_i = w . k_i,  a = softmax_i(s),  out = sum_i a_i v_i
+
+All arithmetic is float32 for float32 and half inputs (float64 stays float64, for gradcheck);
+the result is cast back to the sources' dtype.
+
+Two implementations:
+- `depth_read_reference`: stacks the sources and lets autograd do the rest. Readable; the oracle.
+- `depth_read` (`LeanDepthRead`): never stacks, keeps only references to the sources plus three
+  fp32 scalars per source and token (inverse rms r, unnormalised score t = v.q, weight alpha),
+  and recomputes the rest in a hand-written backward:
+      q = w * g,  r_j = rsqrt(mean(v_j^2) + eps),  s_j = r_j t_j,  alpha = softmax(s)
+      u_j = G . v_j,  ds_j = alpha_j (u_j - sum_k alpha_k u_k)
+      dv_j = alpha_j G + ds_j r_j q - ds_j t_j r_j^3 v_j / H
+      dq = sum_{tokens, j} ds_j r_j v_j,  dw = dq * g,  dg = dq * w
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types and float32; float64 stays float64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_sources(sources: Sequence[torch.Tensor], pseudo_query: torch.Tensor) -> None:
+    if len(sources) == 0:
+        raise ValueError("depth read needs at least one source tensor, got an empty list")
+    first = sources[0]
+    for i, src in enumerate(sources):
+        if src.shape != first.shape or src.dtype != first.dtype or src.device != first.device:
+            raise ValueError(
+                f"depth read sources must share shape, dtype and device: source 0 is "
+                f"{tuple(first.shape)} {first.dtype} {first.device}, source {i} is "
+                f"{tuple(src.shape)} {src.dtype} {src.device}"
+            )
+    if pseudo_query.shape != (first.shape[-1],):
+        raise ValueError(
+            f"pseudo-query shape {tuple(pseudo_query.shape)} does not match the sources' hidden "
+            f"size {first.shape[-1]}; it must be ({first.shape[-1]},)"
+        )
+
+
+def depth_read_reference(
+    sources: Sequence[torch.Tensor],
+    pseudo_query: torch.Tensor,
+    key_norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Plain autograd depth read (the oracle). Saves O(N) full fp32 tensors for backward."""
+    _check_sources(sources, pseudo_query)
+    dtype = _compute_dtype(sources[0].dtype)
+    values_NTH = torch.stack([src.to(dtype) for src in sources])
+    inv_rms_NT1 = torch.rsqrt(values_NTH.pow(2).mean(dim=-1, keepdim=True) + eps)
+    keys_NTH = values_NTH * inv_rms_NT1 * key_norm_weight.to(dtype)
+    scores_NT = (keys_NTH * pseudo_query.to(dtype)).sum(dim=-1)
+    alpha_NT = torch.softmax(scores_NT, dim=0)
+    out_TH = (alpha_NT.unsqueeze(-1) * values_NTH).sum(dim=0)
+    return out_TH.to(sources[0].dtype)
+
+
+class LeanDepthRead(torch.autograd.Function):
+    """Memory-lean depth read: saves source references and per-token fp32 scalars only."""
+
+    @staticmethod
+    def forward(ctx, pseudo_query, key_norm_weight, eps, *sources):
+        hidden, dtype = sources[0].shape[-1], _compute_dtype(sources[0].dtype)
+        q_H = pseudo_query.to(dtype) * key_norm_weight.to(dtype)
+        inv_rms, dots = [], []
+        for src in sources:
+            v_TH = src.reshape(-1, hidden).to(dtype)
+            inv_rms.append(torch.rsqrt(v_TH.pow(2).mean(dim=-1) + eps))
+            dots.append(v_TH @ q_H)
+        inv_rms_NT = torch.stack(inv_rms)
+        dots_NT = torch.stack(dots)
+        alpha_NT = torch.softmax(inv_rms_NT * dots_NT, dim=0)
+        # Accumulate left to right so that equal weights reproduce the plain mean exactly.
+        out_TH = alpha_NT[0].unsqueeze(-1) * sources[0].reshape(-1, hidden).to(dtype)
+        for j in range(1, len(sources)):
+            out_TH = out_TH + alpha_NT[j].unsqueeze(-1) * sources[j].reshape(-1, hidden).to(dtype)
+        ctx.save_for_backward(
+            pseudo_query, key_norm_weight, inv_rms_NT, dots_NT, alpha_NT, *sources
+        )
+        return out_TH.reshape(sources[0].shape).to(sources[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pseudo_query, key_norm_weight, inv_rms_NT, dots_NT, alpha_NT, *sources = ctx.saved_tensors
+        hidden, dtype = sources[0].shape[-1], _compute_dtype(sources[0].dtype)
+        w_H, g_H = pseudo_query.to(dtype), key_norm_weight.to(dtype)
+        q_H = w_H * g_H
+        grad_TH = grad_out.reshape(-1, hidden).to(dtype)
+
+        u_NT = torch.stack(
+            [torch.linalg.vecdot(src.reshape(-1, hidden).to(dtype), grad_TH) for src in sources]
+        )
+        dscore_NT = alpha_NT * (u_NT - (alpha_NT * u_NT).sum(dim=0, keepdim=True))
+        coef_r_NT = dscore_NT * inv_rms_NT
+        coef_v_NT = dscore_NT * dots_NT * inv_rms_NT.pow(3) / hidden
+
+        grad_sources = []
+        dq_H = torch.zeros_like(q_H)
+        for j, src in enumerate(sources):
+            v_TH = src.reshape(-1, hidden).to(dtype)
+            dq_H += coef_r_NT[j] @ v_TH
+            if ctx.needs_input_grad[3 + j]:
+                dv_TH = (
+                    alpha_NT[j].unsqueeze(-1) * grad_TH
+                    + coef_r_NT[j].unsqueeze(-1) * q_H
+                    - coef_v_NT[j].unsqueeze(-1) * v_TH
+                )
+                grad_sources.append(dv_TH.reshape(src.shape).to(src.dtype))
+            else:
+                grad_sources.append(None)
+        grad_w = (dq_H * g_H).to(pseudo_query.dtype) if ctx.needs_input_grad[0] else None
+        grad_g = (dq_H * w_H).to(key_norm_weight.dtype) if ctx.needs_input_grad[1] else None
+        return (grad_w, grad_g, None, *grad_sources)
+
+
+def depth_read(
+    sources: Sequence[torch.Tensor],
+    pseudo_query: torch.Tensor,
+    key_norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Memory-lean depth read over `sources` (a list, never stacked). See the module docstring."""
+    _check_sources(sources, pseudo_query)
+    return LeanDepthRead.apply(pseudo_query, key_norm_weight, float(eps), *sources)

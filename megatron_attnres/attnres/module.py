@@ -1,0 +1,42 @@
+"""`DepthAttention`: the learned parameters of one depth read (DESIGN section 3)."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from megatron_attnres.attnres.depth_read import depth_read, depth_read_reference
+
+
+class DepthAttention(nn.Module):
+    """One depth read: a pseudo-query w (zero-initialised) and a key RMSNorm gain g (ones).
+
+    With w = 0 every read starts as the equal-weight average of its sources. `lean=False` selects
+    the plain autograd implementation (useful as an oracle and for debugging).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, lean: bool = True):
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        self.hidden_size = hidden_size
+        self.eps = float(eps)
+        self.lean = lean
+        self.pseudo_query = nn.Parameter(torch.empty(hidden_size))
+        self.key_norm_weight = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.pseudo_query.zero_()
+            self.key_norm_weight.fill_(1.0)
+
+    def forward(self, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(sources) == 1:
+            # A single source: softmax over one entry is 1, the read is the identity.
+            return sources[0]
+        read = depth_read if self.lean else depth_read_reference
+        return read(sources, self.pseudo_query, self.key_norm_weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, eps={self.eps}, lean={self.lean}"
