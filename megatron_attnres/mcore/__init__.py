@@ -1,0 +1,1 @@
+"""Megatron-Core side: config, specs, AttnRes stack, model builder, CPU compat."""

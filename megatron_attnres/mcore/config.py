@@ -1,0 +1,94 @@
+"""`AttnResTransformerConfig`: Megatron-Core's TransformerConfig plus the AttnRes fields.
+
+Field names follow Megatron-LM PR #6840 (`--enable-attention-residuals`,
+`--attn-res-block-layers`) so that users can switch: `enable_attention_residuals=True` selects
+Block AttnRes unless `attn_res_mode` says "full". Depth blocks are configured in transformer layers
+(a mixer and an MLP/MoE); in HybridModel's pattern that is 2 symbols each, so a depth block of k
+layers is S = 2k sublayers.
+"""
+
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_attnres.attnres.schedule import DepthBlockSchedule, ResidualMode
+
+
+@dataclass
+class AttnResTransformerConfig(TransformerConfig):
+    enable_attention_residuals: bool = False
+    """Replace the residual stream with depth attention (AttnRes)."""
+
+    attn_res_mode: str = "block"
+    """"block" (Block AttnRes) or "full" (every sublayer is its own depth block)."""
+
+    attn_res_block_layers: int = 1
+    """Transformer layers (mixer + MLP/MoE) per depth block in block mode."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_attnres(self)
+
+    @property
+    def residual_mode(self) -> ResidualMode:
+        if not self.enable_attention_residuals:
+            return ResidualMode.NONE
+        return ResidualMode(self.attn_res_mode)
+
+    def depth_block_schedule(self) -> DepthBlockSchedule:
+        """The schedule over all `num_layers` pattern symbols (sublayers) of the model."""
+        mode = self.residual_mode
+        S = 2 * self.attn_res_block_layers if mode is ResidualMode.BLOCK else 1
+        return DepthBlockSchedule(self.num_layers, mode, S)
+
+
+def _refuse(combination: str, fix: str) -> None:
+    raise ValueError(f"unsupported configuration: {combination}; {fix}")
+
+
+def validate_attnres(cfg: AttnResTransformerConfig) -> None:
+    """Refuse bad values and unsupported combinations before any module is built."""
+    if cfg.attn_res_mode not in ("block", "full"):
+        _refuse(f"attn_res_mode={cfg.attn_res_mode!r}", "use 'block' or 'full'")
+    k = cfg.attn_res_block_layers
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        _refuse(f"attn_res_block_layers={k!r}", "it must be a positive integer (layers per block)")
+    if cfg.num_layers % 2:
+        _refuse(
+            f"num_layers={cfg.num_layers} (pattern symbols)",
+            "every transformer layer is a mixer symbol followed by an MLP/MoE symbol, so "
+            "num_layers must be even",
+        )
+    layers = cfg.num_layers // 2
+    if cfg.enable_attention_residuals and cfg.attn_res_mode == "block" and k > layers:
+        _refuse(
+            f"attn_res_block_layers={k} with {layers} transformer layers",
+            f"use at most {layers} layers per depth block",
+        )
+    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
+        _refuse(
+            f"num_moe_experts={cfg.num_moe_experts} with expert_model_parallel_size="
+            f"{cfg.expert_model_parallel_size}",
+            "the expert-parallel size must divide the number of experts",
+        )
+    if not cfg.enable_attention_residuals:
+        return
+    if cfg.pipeline_model_parallel_size > 1:
+        _refuse(
+            f"AttnRes with pipeline_model_parallel_size={cfg.pipeline_model_parallel_size}",
+            "pipeline stages that carry depth-block summaries are not implemented yet; use "
+            "pipeline_model_parallel_size=1 (or enable_attention_residuals=False)",
+        )
+    if cfg.recompute_granularity == "full":
+        _refuse(
+            "AttnRes with recompute_granularity='full'",
+            "use recompute_granularity='selective' or None (full recompute re-runs the stack "
+            "without the depth-block state)",
+        )
+    if cfg.fp32_residual_connection:
+        _refuse(
+            "AttnRes with fp32_residual_connection=True",
+            "there is no residual stream to keep in fp32; depth reads already compute in fp32",
+        )
+    if cfg.mtp_num_layers:
+        _refuse(f"AttnRes with mtp_num_layers={cfg.mtp_num_layers}", "set mtp_num_layers=None")

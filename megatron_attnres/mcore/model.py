@@ -1,0 +1,61 @@
+"""Build a HybridModel with AttnRes from an `AttnResTransformerConfig` and a layer pattern."""
+
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_attnres.mcore.config import AttnResTransformerConfig
+from megatron_attnres.mcore.specs import attnres_local_stack_spec
+
+MIXERS, MLPS = "*+G", "-E"
+
+
+def hybrid_pattern(num_layers: int, moe: bool, first_k_dense: int = 0, mixer: str = "*") -> str:
+    """Pattern of `num_layers` transformer layers: a mixer symbol, then '-' (dense) or 'E' (MoE)."""
+    return "".join(mixer + ("E" if moe and i >= first_k_dense else "-") for i in range(num_layers))
+
+
+def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
+    symbols = pattern.replace("|", "")
+    if len(symbols) != config.num_layers:
+        raise ValueError(
+            f"hybrid pattern {pattern!r} has {len(symbols)} sublayer symbols but num_layers="
+            f"{config.num_layers}; num_layers counts pattern symbols (2 per transformer layer)"
+        )
+    for i in range(0, len(symbols), 2):
+        mixer, mlp = symbols[i], symbols[i + 1]
+        if mixer not in MIXERS or mlp not in MLPS:
+            raise ValueError(
+                f"hybrid pattern {pattern!r}: transformer layer {i // 2 + 1} is {mixer + mlp!r}; "
+                f"each layer must be a mixer ({MIXERS}) followed by an MLP ('-') or MoE ('E')"
+            )
+    if "E" in symbols and not config.num_moe_experts:
+        raise ValueError(f"hybrid pattern {pattern!r} has MoE layers but num_moe_experts is unset")
+
+
+def build_model(
+    config: AttnResTransformerConfig,
+    pattern: str,
+    vocab_size: int,
+    max_sequence_length: int,
+    stack_spec=None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    position_embedding_type: str = "rope",
+    rotary_base: int = 10000,
+    share_embeddings_and_output_weights: bool = False,
+) -> HybridModel:
+    """A HybridModel over our AttnRes stack (local specs unless `stack_spec` is given)."""
+    check_pattern(config, pattern)
+    return HybridModel(
+        config=config,
+        hybrid_stack_spec=stack_spec or attnres_local_stack_spec(config.num_moe_experts),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        hybrid_layer_pattern=pattern,
+        pre_process=pre_process,
+        post_process=post_process,
+        position_embedding_type=position_embedding_type,
+        rotary_base=rotary_base,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )

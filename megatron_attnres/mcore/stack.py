@@ -1,0 +1,95 @@
+"""`AttnResHybridStack`: Megatron's HybridStack with the residual path of AttnRes (DESIGN 3, 4).
+
+The layers come from the spec with `raw_output_bda`, so each returns its raw output
+y = f(pre_norm(x)). This stack forms every layer's input and carries the state between layers
+explicitly (never on `self`: activation recompute re-runs layer forwards):
+
+    none : x <- x + y                                        (the standard residual)
+    block: completed summaries [b_0 = embedding, b_1, ...] and the partial summary of the current
+           depth block; input = depth_read(completed [+ partial]); partial += y; at a depth-block
+           boundary the partial joins the completed summaries. Full AttnRes is S = 1.
+
+The output read (its own parameters) sits before the final norm on the last stage.
+"""
+
+from megatron.core.models.hybrid.hybrid_block import HybridStack
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
+from torch import nn
+
+from megatron_attnres.attnres.module import DepthAttention
+
+
+class AttnResHybridStack(HybridStack):
+    def __init__(self, config, submodules, *args, final_norm_module=None, post_layer_norm=True,
+                 **kwargs):  # fmt: skip
+        # The parent would build TransformerEngine's norm; we build `final_norm_module` instead.
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        self.schedule = config.depth_block_schedule()
+        hidden, eps = config.hidden_size, config.layernorm_epsilon
+        if self.post_process and post_layer_norm:
+            if final_norm_module is None:
+                raise ValueError("AttnResHybridStack needs final_norm_module in its spec params")
+            self.final_norm = final_norm_module(config=config, hidden_size=hidden, eps=eps)
+        if self.schedule.uses_depth_reads:
+            # One read per local sublayer (indexed like self.layers) and the output read; child
+            # modules so that sharded_state_dict (which walks children) checkpoints them.
+            self.depth_reads = nn.ModuleList(DepthAttention(hidden, eps) for _ in self.layers)
+            self.output_read = DepthAttention(hidden, eps) if self.post_process else None
+            for param in self._attnres_parameters():
+                # Replicated across TP; under sequence parallelism each rank sees its own tokens,
+                # so finalize_model_grads must all-reduce these grads like LayerNorm weights.
+                param.sequence_parallel = bool(config.sequence_parallel)
+
+    def _attnres_parameters(self):
+        yield from self.depth_reads.parameters()
+        if self.output_read is not None:
+            yield from self.output_read.parameters()
+
+    def reset_attnres_parameters(self) -> None:
+        """Zero pseudo-queries, unit key-norm gains (the initialisation of DESIGN section 3)."""
+        for module in self.modules():
+            if isinstance(module, DepthAttention):
+                module.reset_parameters()
+
+    def forward(self, hidden_states, attention_mask, inference_context=None, rotary_pos_emb=None,
+                *, inference_params=None, packed_seq_params=None, padding_mask=None):  # fmt: skip
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError(
+                "AttnResHybridStack has no Megatron inference path; export to Hugging Face "
+                "for generation"
+            )
+        if not self.pre_process:
+            hidden_states = self.input_tensor  # set by the pipeline schedule
+        if isinstance(hidden_states, WrappedTensor):
+            hidden_states = hidden_states.unwrap()
+        layer_kwargs = dict(
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )
+        if self.schedule.uses_depth_reads:
+            out = self._forward_depth_attention(hidden_states, layer_kwargs)
+        else:
+            out = hidden_states
+            for layer in self.layers:
+                out = out + _raw_output(layer, out, layer_kwargs)
+        if self.post_process and self.post_layer_norm:
+            out = self.final_norm(out)
+        return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
+
+    def _forward_depth_attention(self, embedded, layer_kwargs):
+        completed, partial = [embedded], None
+        for read, layer in zip(self.depth_reads, self.layers, strict=True):
+            if self.schedule.starts_block(layer.layer_number) and partial is not None:
+                completed, partial = [*completed, partial], None
+            sources = completed if partial is None else [*completed, partial]
+            y = _raw_output(layer, read(sources), layer_kwargs)
+            partial = y if partial is None else partial + y
+        return self.output_read([*completed, partial])
+
+
+def _raw_output(layer, x, layer_kwargs):
+    out = layer(hidden_states=x, **layer_kwargs)
+    return out[0] if isinstance(out, tuple) else out
