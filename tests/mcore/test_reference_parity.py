@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_attnres.attnres import tolerance
-from megatron_attnres.attnres.reference import MoE, ReferenceConfig, ReferenceModel
+from megatron_attnres.attnres.reference import ReferenceConfig, ReferenceModel
 from megatron_attnres.mcore.model import build_model
 from megatron_attnres.mcore.reference_mapping import (
     megatron_config,
     reference_pattern,
     reference_to_megatron,
 )
+from tests.reference_helpers import randomise
 
 pytestmark = pytest.mark.mcore
 TOL = tolerance(torch.float32)
@@ -31,17 +32,7 @@ def tiny_reference(mode: str, **overrides) -> ReferenceConfig:
 
 
 def randomised_reference(cfg: ReferenceConfig) -> ReferenceModel:
-    model = ReferenceModel(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "pseudo_query" in name:
-                param.normal_(0.0, 0.5)
-            elif name.endswith("norm_weight") or name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.expert_bias.normal_(0.0, 0.05)
-    return model
+    return randomise(ReferenceModel(cfg), expert_bias_std=0.05)
 
 
 def megatron_twin(ref: ReferenceModel, stack_spec=None):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from megatron_attnres.attnres import tolerance
 from megatron_attnres.attnres.reference import MoE, ReferenceConfig, ReferenceModel, apply_rope
+from tests.reference_helpers import randomise
 
 TOL = tolerance(torch.float32)
 
@@ -36,17 +37,7 @@ def small_config(mode, **overrides):
 
 
 def build(cfg):
-    model = ReferenceModel(cfg)
-    with torch.no_grad():  # random, non-zero pseudo-queries and gains; non-trivial norms and bias
-        for name, param in model.named_parameters():
-            if "pseudo_query" in name:
-                param.normal_(0.0, 0.5)
-            elif name.endswith("norm_weight") or name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.expert_bias.normal_(0.0, 0.1)
-    return model
+    return randomise(ReferenceModel(cfg))
 
 
 def oracle_read(sources, read):
