@@ -109,7 +109,6 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = tiny_config(args.mode)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
