@@ -96,16 +96,6 @@ def activate_cpu_compat() -> tuple[str, ...]:
     return CHANGES
 
 
-def deactivate_cpu_compat() -> None:
-    """Undo `activate_cpu_compat` (for tests)."""
-    if not cpu_compat_active():
-        return
-    torch.cuda.current_device = _ORIGINALS.pop("current_device")
-    mcore_random.initialize_rng_tracker = _ORIGINALS.pop("initialize_rng_tracker")
-    mcore_random.model_parallel_cuda_manual_seed = _ORIGINALS.pop("model_parallel_cuda_manual_seed")
-    mcore_random._CUDA_RNG_STATE_TRACKER = None
-
-
 def model_parallel_manual_seed(seed: int) -> None:
     """Seed torch and Megatron's named RNG states, on GPU or (through the compat layer) on CPU."""
     mcore_random.model_parallel_cuda_manual_seed(seed)

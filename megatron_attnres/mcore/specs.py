@@ -14,7 +14,6 @@ Two variants:
   and our stack class; built only where TE is installed.
 """
 
-import copy
 import dataclasses
 
 import torch
@@ -96,8 +95,12 @@ class SDPACoreAttention(MegatronModule):
 
 def _local_attention(bda, multi_latent: bool) -> ModuleSpec:
     sub = get_gpt_layer_local_submodules(multi_latent_attention=multi_latent)
-    attention = copy.deepcopy(sub.self_attention)
-    attention.submodules.core_attention = SDPACoreAttention
+    attention = dataclasses.replace(
+        sub.self_attention,
+        submodules=dataclasses.replace(
+            sub.self_attention.submodules, core_attention=SDPACoreAttention
+        ),
+    )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -46,12 +46,6 @@ class AttnResHybridStack(HybridStack):
         if self.output_read is not None:
             yield from self.output_read.parameters()
 
-    def reset_attnres_parameters(self) -> None:
-        """Zero pseudo-queries, unit key-norm gains (the initialisation of DESIGN section 3)."""
-        for module in self.modules():
-            if isinstance(module, DepthAttention):
-                module.reset_parameters()
-
     def forward(self, hidden_states, attention_mask, inference_context=None, rotary_pos_emb=None,
                 *, inference_params=None, packed_seq_params=None, padding_mask=None):  # fmt: skip
         if inference_context is not None or inference_params is not None:
