@@ -10,6 +10,8 @@ ordinary spec choices in `megatron_attnres.mcore.specs`, used on GPUs without TE
 """
 
 import contextlib
+import importlib
+import types
 
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
@@ -20,6 +22,22 @@ CHANGES = (
     "megatron.core.tensor_parallel.random: the RNG tracker keeps CPU generator states "
     "(CPURNGStatesTracker) and model_parallel_cuda_manual_seed seeds it, with the same three "
     "named states and seeds as on GPU",
+    "the modules in CUDA_LITERAL_MODULES (optimizer, grad clipping and its norm helpers, "
+    "pipeline schedules, DDP grad buffers) see a `torch` whose tensor factories "
+    "(tensor/zeros/ones/empty/full) map device='cuda' to the CPU (loss scale, found-inf flags, "
+    "grad-norm buffers, token counters) and whose torch.cuda.current_stream()/Stream() are "
+    "no-op CPU streams",
+    "megatron.core.optimizer.optimizer clips gradients with clip_grad_by_total_norm_cpu (the same "
+    "arithmetic as Megatron's clip_grad_by_total_norm_fp32, whose fused path asserts CUDA tensors)",
+)
+
+# Modules that create tensors with a literal device="cuda" at call sites we go through.
+CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 
 _ORIGINALS: dict[str, object] = {}
@@ -80,12 +98,80 @@ def _cpu_manual_seed(seed, *args, tp_rank=None, ep_rank=None, etp_rank=None, **k
     )
 
 
+def _on_cpu(factory):
+    def wrapped(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return factory(*args, device=device, **kwargs)
+
+    return wrapped
+
+
+class _CPUStream:
+    """Stand-in for a CUDA stream on the CPU, where all work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _CPUCuda(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.Stream = _CPUStream
+        self.current_stream = lambda device=None: _CPUStream()
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CPUDeviceTorch(types.ModuleType):
+    """`torch` as seen by a redirected module: everything is torch's, but tensor factories
+    asked for device="cuda" allocate on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in ("tensor", "zeros", "ones", "empty", "full"):
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+        self.cuda = _CPUCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale the gradients by max_norm / (total_norm + 1e-6) when that is below 1 (Megatron's
+    clip_grad_by_total_norm_fp32 contract), without its CUDA-only multi-tensor kernel."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
+
+
 def activate_cpu_compat() -> tuple[str, ...]:
     """Apply the CPU accommodations if this host has no CUDA; returns what was changed."""
     if not cpu_compat_needed():
         return ()
     if cpu_compat_active():
         return CHANGES
+    optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
+    for name in CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        _ORIGINALS[name + ".torch"] = module.torch
+        module.torch = _CPUDeviceTorch()
+    _ORIGINALS["clip_grad_by_total_norm_fp32"] = optimizer_module.clip_grad_by_total_norm_fp32
+    optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     _ORIGINALS["current_device"] = torch.cuda.current_device
     _ORIGINALS["initialize_rng_tracker"] = mcore_random.initialize_rng_tracker
     _ORIGINALS["model_parallel_cuda_manual_seed"] = mcore_random.model_parallel_cuda_manual_seed

@@ -1,5 +1,7 @@
 """Config validation, the CPU compat layer's documented changes, the TE spec's classes."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,8 +55,17 @@ def test_cpu_compat_lists_and_makes_its_changes():
     from megatron_attnres.mcore import compat
 
     assert compat.cpu_compat_active()  # activated by the session fixture on this CUDA-less host
-    assert len(compat.CHANGES) == 2
+    assert len(compat.CHANGES) == 4
     assert torch.cuda.current_device() == "cpu"
+    for name in compat.CUDA_LITERAL_MODULES:  # change 3
+        module_torch = importlib.import_module(name).torch
+        assert module_torch.zeros(1, device="cuda").device.type == "cpu", name
+        assert module_torch.tensor([1.0], device="cuda").device.type == "cpu", name
+        module_torch.cuda.current_stream().wait_stream(module_torch.cuda.Stream())
+        assert module_torch.nn is torch.nn  # everything else is torch's own
+    assert torch.zeros(1).device.type == "cpu" and torch.tensor is not module_torch.tensor
+    optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
+    assert optimizer_module.clip_grad_by_total_norm_fp32 is compat.clip_grad_by_total_norm_cpu
     tracker = mcore_random.get_cuda_rng_tracker()
     assert isinstance(tracker, compat.CPURNGStatesTracker)
     assert set(tracker.get_states()) == {
@@ -67,6 +78,23 @@ def test_cpu_compat_lists_and_makes_its_changes():
     with tracker.fork():
         second = torch.rand(3)
     assert not torch.equal(first, second)  # the forked stream continues, it does not restart
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_cpu_grad_clipping_matches_torch(max_norm):
+    from megatron_attnres.mcore.compat import clip_grad_by_total_norm_cpu
+
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = [p.grad.clone() for p in params]
+    oracle = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for o, g in zip(oracle, expected, strict=True):
+        o.grad = g
+    total = torch.nn.utils.clip_grad_norm_(oracle, max_norm).item()
+    clip_grad_by_total_norm_cpu(params, max_norm, total)
+    for p, o in zip(params, oracle, strict=True):
+        torch.testing.assert_close(p.grad, o.grad)
 
 
 def test_cpu_compat_is_a_no_op_on_cuda_hosts(monkeypatch):

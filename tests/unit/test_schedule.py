@@ -74,3 +74,14 @@ def test_pipeline_split_cuts_only_at_block_boundaries():
         schedule.summaries_entering(8)
     with pytest.raises(ValueError, match="use at most 9 stages"):
         schedule.split_stages(10)
+
+
+def test_saved_activation_overhead_counts_partials_and_read_scalars():
+    tokens, hidden, act_bytes = 10, 8, 2
+    assert DepthBlockSchedule(4, "none").saved_activation_overhead_bytes(tokens, hidden, 2) == 0
+    # 4 sublayers, 2 per depth block. Reads: j=1 has 1 source (identity, nothing saved),
+    # j=2: b0 + partial, j=3: b0 b1, j=4: b0 b1 + partial, output read: b0 b1 + partial.
+    schedule = DepthBlockSchedule(4, "block", 2)
+    partials = 4 * tokens * hidden * act_bytes
+    scalars = 3 * 4 * tokens * (2 + 2 + 3 + 3)
+    assert schedule.saved_activation_overhead_bytes(tokens, hidden, act_bytes) == partials + scalars
