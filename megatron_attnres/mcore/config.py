@@ -9,7 +9,7 @@ layers is S = 2k sublayers.
 
 from dataclasses import dataclass
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_attnres.attnres.schedule import DepthBlockSchedule, ResidualMode
 
@@ -40,6 +40,13 @@ class AttnResTransformerConfig(TransformerConfig):
         mode = self.residual_mode
         S = 2 * self.attn_res_block_layers if mode is ResidualMode.BLOCK else 1
         return DepthBlockSchedule(self.num_layers, mode, S)
+
+
+@dataclass
+class AttnResMLATransformerConfig(AttnResTransformerConfig, MLATransformerConfig):
+    """For patterns with MLA ('+') mixers: adds Megatron's MLA fields (kv_lora_rank, q_lora_rank,
+    qk_head_dim, qk_pos_emb_head_dim, v_head_dim, rope_type...). qk_pos_emb_head_dim=0 is NoPE;
+    qk_layernorm=True gives the RMSNorm on the compressed KV (and Q) latents of DeepSeek/Kimi."""
 
 
 def _refuse(combination: str, fix: str) -> None:

@@ -2,6 +2,7 @@
 
 from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnres.mcore.config import AttnResTransformerConfig
 from megatron_attnres.mcore.specs import attnres_local_stack_spec
@@ -28,6 +29,16 @@ def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
                 f"hybrid pattern {pattern!r}: transformer layer {i // 2 + 1} is {mixer + mlp!r}; "
                 f"each layer must be a mixer ({MIXERS}) followed by an MLP ('-') or MoE ('E')"
             )
+    if "+" in symbols and not isinstance(config, MLATransformerConfig):
+        raise ValueError(
+            f"hybrid pattern {pattern!r} has MLA ('+') layers but the config is a "
+            f"{type(config).__name__}; use AttnResMLATransformerConfig (it adds the MLA fields)"
+        )
+    if "*" in symbols and config.qk_layernorm:
+        raise ValueError(
+            f"hybrid pattern {pattern!r} has standard attention ('*') with qk_layernorm=True; "
+            "QK norms are wired for MLA latents only: use '+' (MLA) or qk_layernorm=False"
+        )
     if "E" in symbols and not config.num_moe_experts:
         raise ValueError(f"hybrid pattern {pattern!r} has MoE layers but num_moe_experts is unset")
 
@@ -40,15 +51,21 @@ def build_model(
     stack_spec=None,
     pre_process: bool = True,
     post_process: bool = True,
-    position_embedding_type: str = "rope",
+    position_embedding_type: str | None = None,
     rotary_base: int = 10000,
     share_embeddings_and_output_weights: bool = False,
 ) -> HybridModel:
-    """A HybridModel over our AttnRes stack (local specs unless `stack_spec` is given)."""
+    """A HybridModel over our AttnRes stack (local specs unless `stack_spec` is given).
+
+    Position embedding defaults to RoPE for standard attention and to none for MLA patterns
+    (MLA applies its own RoPE to qk_pos_emb_head_dim channels; 0 of them is NoPE).
+    """
     check_pattern(config, pattern)
+    if position_embedding_type is None:
+        position_embedding_type = "none" if "+" in pattern else "rope"
     return HybridModel(
         config=config,
-        hybrid_stack_spec=stack_spec or attnres_local_stack_spec(config.num_moe_experts),
+        hybrid_stack_spec=stack_spec or attnres_local_stack_spec(config),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         hybrid_layer_pattern=pattern,

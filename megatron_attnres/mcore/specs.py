@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megatron_attnres.mcore.mla import AttnResMLASelfAttention
 from megatron_attnres.mcore.stack import AttnResHybridStack
 
 
@@ -95,11 +96,14 @@ class SDPACoreAttention(MegatronModule):
 
 def _local_attention(bda, multi_latent: bool) -> ModuleSpec:
     sub = get_gpt_layer_local_submodules(multi_latent_attention=multi_latent)
+    attention = sub.self_attention
+    replacements = dict(core_attention=SDPACoreAttention)
+    if multi_latent:
+        # Latent norms are used when config.qk_layernorm is set (AttnResMLASelfAttention).
+        replacements.update(kv_layernorm=LocalRMSNorm, q_layernorm=LocalRMSNorm)
+        attention = dataclasses.replace(attention, module=AttnResMLASelfAttention)
     attention = dataclasses.replace(
-        sub.self_attention,
-        submodules=dataclasses.replace(
-            sub.self_attention.submodules, core_attention=SDPACoreAttention
-        ),
+        attention, submodules=dataclasses.replace(attention.submodules, **replacements)
     )
     return ModuleSpec(
         module=TransformerLayer,
@@ -109,8 +113,8 @@ def _local_attention(bda, multi_latent: bool) -> ModuleSpec:
     )
 
 
-def local_stack_submodules(num_experts: int | None, residual: bool) -> HybridStackSubmodules:
-    """Local layer specs for '*' attention, '+' MLA, '-' dense MLP and 'E' MoE.
+def local_stack_submodules(config, residual: bool) -> HybridStackSubmodules:
+    """Local layer specs for '*' attention, '+' MLA, '-' dense MLP and 'E' MoE under `config`.
 
     residual=False gives AttnRes's raw-output layers; residual=True gives the same layers with
     Megatron's own bias-dropout-add (the stock model used as an oracle).
@@ -129,8 +133,8 @@ def local_stack_submodules(num_experts: int | None, residual: bool) -> HybridSta
             ),
         ),
     )
-    if num_experts:
-        moe = get_gpt_layer_local_submodules(num_experts=num_experts)
+    if config.num_moe_experts:
+        moe = get_gpt_layer_local_submodules(num_experts=config.num_moe_experts)
         layers["moe_layer"] = ModuleSpec(
             module=MoETransformerLayer,
             submodules=TransformerLayerSubmodules(
@@ -140,24 +144,30 @@ def local_stack_submodules(num_experts: int | None, residual: bool) -> HybridSta
     return HybridStackSubmodules(**layers)
 
 
-def attnres_local_stack_spec(num_experts: int | None) -> ModuleSpec:
+def attnres_local_stack_spec(config) -> ModuleSpec:
     """HybridModel stack spec: our stack over raw-output local layers (any residual mode)."""
     return ModuleSpec(
         module=AttnResHybridStack,
         params={"final_norm_module": LocalRMSNorm},
-        submodules=local_stack_submodules(num_experts, residual=False),
+        submodules=local_stack_submodules(config, residual=False),
     )
 
 
-def stock_local_stack_spec(num_experts: int | None) -> ModuleSpec:
+def stock_local_stack_spec(config) -> ModuleSpec:
     """Megatron's unmodified HybridStack over the same local layers with residual adds.
 
     HybridStack hard-codes TransformerEngine's norm as its final norm; without TE the caller
     must provide one (tests patch `megatron.core.models.hybrid.hybrid_block.TENorm`).
     """
-    return ModuleSpec(
-        module=HybridStack, submodules=local_stack_submodules(num_experts, residual=True)
-    )
+    return ModuleSpec(module=HybridStack, submodules=local_stack_submodules(config, residual=True))
+
+
+def _te_mla(layer_submodules) -> ModuleSpec:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    attention = layer_submodules.self_attention
+    norms = dataclasses.replace(attention.submodules, kv_layernorm=TENorm, q_layernorm=TENorm)
+    return dataclasses.replace(attention, module=AttnResMLASelfAttention, submodules=norms)
 
 
 def attnres_te_stack_spec() -> ModuleSpec:
@@ -173,6 +183,8 @@ def attnres_te_stack_spec() -> ModuleSpec:
         swaps = {name: raw_output_bda for name in ("self_attn_bda", "mlp_bda")
                  if getattr(layer.submodules, name) is not IdentityFuncOp}  # fmt: skip
         submodules = dataclasses.replace(layer.submodules, **swaps)
+        if field == "mla_layer":
+            submodules = dataclasses.replace(submodules, self_attention=_te_mla(submodules))
         layers[field] = dataclasses.replace(layer, submodules=submodules)
     spec = dataclasses.replace(hybrid_stack_spec.submodules, mtp_block_spec=None, **layers)
     return ModuleSpec(

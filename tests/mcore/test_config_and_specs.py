@@ -120,6 +120,10 @@ def test_te_spec_names_the_intended_transformer_engine_classes():
     assert attention.linear_proj is te.TERowParallelLinear
     assert spec.submodules.moe_layer.submodules.pre_mlp_layernorm is te.TENorm
     assert te.TELayerNormColumnParallelLinear is not te.TERowParallelLinear
+    mla = spec.submodules.mla_layer.submodules.self_attention
+    assert mla.module.__qualname__ == "AttnResMLASelfAttention"
+    assert mla.submodules.kv_layernorm is te.TENorm and mla.submodules.q_layernorm is te.TENorm
+    assert mla.submodules.linear_q_proj is te.TEColumnParallelLinear  # no extra fused q norm
     for field in ("attention_layer", "mla_layer", "mlp_layer", "moe_layer"):
         layer = getattr(spec.submodules, field).submodules
         assert raw_output_bda in (layer.self_attn_bda, layer.mlp_bda), field

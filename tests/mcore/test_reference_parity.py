@@ -104,7 +104,7 @@ def test_mode_none_matches_stock_megatron(monkeypatch):
     monkeypatch.setattr(hybrid_block, "TENorm", LocalRMSNorm)
     ref = randomised_reference(tiny_reference("none"))
     ours = megatron_twin(ref)
-    stock = megatron_twin(ref, stack_spec=stock_local_stack_spec(ref.cfg.num_experts))
+    stock = megatron_twin(ref, stack_spec=stock_local_stack_spec(megatron_config(ref.cfg)))
     assert type(stock.decoder).__name__ == "HybridStack"
     tokens, labels = torch.randint(0, VOCAB, (2, BATCH, SEQ))
     loss_ours, grads_ours = loss_and_grads(ours, run_megatron(ours, tokens), labels)
