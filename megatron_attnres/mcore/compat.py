@@ -23,10 +23,10 @@ CHANGES = (
     "(CPURNGStatesTracker) and model_parallel_cuda_manual_seed seeds it, with the same three "
     "named states and seeds as on GPU",
     "the modules in CUDA_LITERAL_MODULES (optimizer, grad clipping and its norm helpers, "
-    "pipeline schedules, DDP grad buffers) see a `torch` whose tensor factories "
+    "pipeline schedules and p2p, DDP grad buffers) see a `torch` whose tensor factories "
     "(tensor/zeros/ones/empty/full) map device='cuda' to the CPU (loss scale, found-inf flags, "
-    "grad-norm buffers, token counters) and whose torch.cuda.current_stream()/Stream() are "
-    "no-op CPU streams",
+    "grad-norm buffers, token counters, p2p buffers) and whose torch.cuda.current_stream(), "
+    "Stream() and synchronize() are CPU no-ops",
     "megatron.core.optimizer.optimizer clips gradients with clip_grad_by_total_norm_cpu (the same "
     "arithmetic as Megatron's clip_grad_by_total_norm_fp32, whose fused path asserts CUDA tensors)",
 )
@@ -37,6 +37,7 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.utils",
 )
 
@@ -128,6 +129,7 @@ class _CPUCuda(types.ModuleType):
         super().__init__("torch.cuda")
         self.Stream = _CPUStream
         self.current_stream = lambda device=None: _CPUStream()
+        self.synchronize = lambda device=None: None
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)

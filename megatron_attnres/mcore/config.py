@@ -28,6 +28,10 @@ class AttnResTransformerConfig(TransformerConfig):
     def __post_init__(self):
         super().__post_init__()
         validate_attnres(self)
+        if self.enable_attention_residuals and self.pipeline_model_parallel_size > 1:
+            # Stage payloads are the completed summaries packed along the sequence: their length
+            # differs per boundary, so the schedules must exchange shapes.
+            self.variable_seq_lengths = True
 
     @property
     def residual_mode(self) -> ResidualMode:
@@ -80,11 +84,12 @@ def validate_attnres(cfg: AttnResTransformerConfig) -> None:
         )
     if not cfg.enable_attention_residuals:
         return
-    if cfg.pipeline_model_parallel_size > 1:
+    if (cfg.virtual_pipeline_model_parallel_size or 1) > 1:
         _refuse(
-            f"AttnRes with pipeline_model_parallel_size={cfg.pipeline_model_parallel_size}",
-            "pipeline stages that carry depth-block summaries are not implemented yet; use "
-            "pipeline_model_parallel_size=1 (or enable_attention_residuals=False)",
+            f"AttnRes with virtual_pipeline_model_parallel_size="
+            f"{cfg.virtual_pipeline_model_parallel_size}",
+            "interleaved stages (whose payload sizes differ per transition) are not supported "
+            "yet; use the 1F1B schedule (virtual_pipeline_model_parallel_size=None)",
         )
     if cfg.recompute_granularity == "full":
         _refuse(

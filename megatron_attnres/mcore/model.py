@@ -5,6 +5,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnres.mcore.config import AttnResTransformerConfig
+from megatron_attnres.mcore.pipeline import balanced_cuts, check_cuts, insert_cuts
 from megatron_attnres.mcore.specs import attnres_local_stack_spec
 
 MIXERS, MLPS = "*+G", "-E"
@@ -15,8 +16,23 @@ def hybrid_pattern(num_layers: int, moe: bool, first_k_dense: int = 0, mixer: st
     return "".join(mixer + ("E" if moe and i >= first_k_dense else "-") for i in range(num_layers))
 
 
+def pipeline_pattern(config: AttnResTransformerConfig, pattern: str) -> str:
+    """`pattern` with '|' cuts for the config's pipeline (x virtual) stages: whole depth blocks,
+    spread as evenly as possible. Patterns that already have cuts are returned unchanged."""
+    segments = config.pipeline_model_parallel_size * (
+        config.virtual_pipeline_model_parallel_size or 1
+    )
+    if "|" in pattern or segments == 1:
+        return pattern
+    return insert_cuts(pattern, balanced_cuts(config.depth_block_schedule(), segments))
+
+
 def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
     symbols = pattern.replace("|", "")
+    pp = config.pipeline_model_parallel_size
+    if pp > 1 or "|" in pattern:
+        check_cuts(pattern, config.depth_block_schedule(),
+                   pp * (config.virtual_pipeline_model_parallel_size or 1))  # fmt: skip
     if len(symbols) != config.num_layers:
         raise ValueError(
             f"hybrid pattern {pattern!r} has {len(symbols)} sublayer symbols but num_layers="
@@ -54,6 +70,7 @@ def build_model(
     position_embedding_type: str | None = None,
     rotary_base: int = 10000,
     share_embeddings_and_output_weights: bool = False,
+    vp_stage: int | None = None,
 ) -> HybridModel:
     """A HybridModel over our AttnRes stack (local specs unless `stack_spec` is given).
 
@@ -75,4 +92,24 @@ def build_model(
         rotary_base=rotary_base,
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        vp_stage=vp_stage,
     )
+
+
+def build_model_chunks(config: AttnResTransformerConfig, pattern: str, vocab_size: int,
+                       max_sequence_length: int, **kwargs) -> list[HybridModel]:  # fmt: skip
+    """This rank's model chunks (one per virtual pipeline stage), with pre/post-processing on the
+    first/last pipeline stage. `pattern` gets balanced cuts if it has none."""
+    from megatron.core import parallel_state as ps
+
+    pattern = pipeline_pattern(config, pattern)
+    chunks = []
+    for vp in range(config.virtual_pipeline_model_parallel_size or 1):
+        vp_stage = vp if config.virtual_pipeline_model_parallel_size else None
+        chunks.append(build_model(
+            config, pattern, vocab_size, max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage, **kwargs,
+        ))  # fmt: skip
+    return chunks

@@ -5,7 +5,9 @@ The layout is read from Megatron's own parameter attributes, never from a name t
   full weight split into size * stride equal chunks along `partition_dim`; rank r holds chunks
   r, r + size, ... (stride 2 is the [gate; up] fc1: each rank holds [gate_r; up_r]);
 - experts (`.experts.` in the name) are split over the expert-tensor-parallel group and placed
-  by expert parallelism: local expert i on EP rank e is global expert e * num_local + i.
+  by expert parallelism: local expert i on EP rank e is global expert e * num_local + i;
+- pipeline stages (and virtual stages) hold layers offset by their first layer's number:
+  local `decoder.layers.i` / `decoder.depth_reads.i` is global i + offset.
 
 Names in the full dicts are the single-rank names (global expert numbers); everything else is
 replicated. Every rank must call these functions together (they run collectives).
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
+_LOCAL_LAYER = re.compile(r"^(decoder\.(?:layers|depth_reads)\.)(\d+)(\.)")
 
 
 def is_expert(name: str) -> bool:
@@ -29,14 +32,24 @@ def _ep_layout() -> tuple[int, int]:
     return ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
 
 
-def global_name(name: str, num_local_experts: int, ep_rank: int | None = None) -> str:
-    """The single-rank name of a local parameter (local expert index -> global index)."""
+def layer_offset(model) -> int:
+    """Global index of this (virtual) pipeline stage's first layer."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def global_name(name: str, num_local_experts: int, ep_rank: int | None = None,
+                offset: int = 0) -> str:  # fmt: skip
+    """The single-rank name of a local parameter (local expert and layer indices -> global)."""
     ep_rank = _ep_layout()[0] if ep_rank is None else ep_rank
 
-    def renumber(match):
+    def expert(match):
         return f"{match[1]}{ep_rank * num_local_experts + int(match[2])}{match[3]}"
 
-    return _LOCAL_EXPERT.sub(renumber, name)
+    def layer(match):
+        return f"{match[1]}{offset + int(match[2])}{match[3]}"
+
+    return _LOCAL_LAYER.sub(layer, _LOCAL_EXPERT.sub(expert, name))
 
 
 def _tp_group(name: str):
@@ -80,12 +93,26 @@ def _named_tensors(model):
             yield name, buf
 
 
-def load_full_state(model, full: dict[str, torch.Tensor], num_local_experts: int) -> None:
-    """Copy this rank's shard of every tensor in `full` (single-rank names) into `model`."""
-    missing = []
+def _chunks(model_or_chunks) -> list:
+    return list(model_or_chunks) if isinstance(model_or_chunks, list | tuple) else [model_or_chunks]
+
+
+def _unwrapped(chunk):
+    return chunk.module if hasattr(chunk, "zero_grad_buffer") else chunk  # Megatron DDP
+
+
+def load_full_state(model_or_chunks, full: dict[str, torch.Tensor], num_local_experts: int):
+    """Copy this rank's shard of every tensor in `full` (single-rank names) into the model
+    (or into each of this rank's virtual-pipeline chunks)."""
+    for chunk in map(_unwrapped, _chunks(model_or_chunks)):
+        _load_chunk(chunk, full, num_local_experts)
+
+
+def _load_chunk(model, full, num_local_experts) -> None:
+    missing, offset = [], layer_offset(model)
     with torch.no_grad():
         for name, tensor in _named_tensors(model):
-            key = global_name(name, num_local_experts)
+            key = global_name(name, num_local_experts, offset=offset)
             if key not in full:
                 missing.append(key)
                 continue
@@ -95,14 +122,25 @@ def load_full_state(model, full: dict[str, torch.Tensor], num_local_experts: int
 
 
 def gather_full(
-    model,
+    model_or_chunks,
     num_local_experts: int,
     select: Callable[[str, torch.Tensor], torch.Tensor | None] = lambda name, t: t,
 ) -> dict[str, torch.Tensor]:
     """Full tensors under single-rank names, on every rank: `select(name, param)` picks what
     to gather for each parameter (the parameter itself by default, e.g. `p.main_grad`)."""
-    ep_rank, ep_size = _ep_layout()
     out = {}
+    for chunk in map(_unwrapped, _chunks(model_or_chunks)):
+        out.update(_gather_chunk(chunk, num_local_experts, select))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, out, group=ps.get_pipeline_model_parallel_group())
+        out = {key: value for stage in stages for key, value in stage.items()}
+    return out
+
+
+def _gather_chunk(model, num_local_experts, select) -> dict[str, torch.Tensor]:
+    ep_rank, ep_size = _ep_layout()
+    out, offset = {}, layer_offset(model)
     for name, tensor in _named_tensors(model):
         local = select(name, tensor)
         if local is None:
@@ -113,7 +151,7 @@ def gather_full(
             per_ep = [torch.empty_like(full) for _ in range(ep_size)]
             dist.all_gather(per_ep, full.contiguous(), group=ps.get_expert_model_parallel_group())
             for e, piece in enumerate(per_ep):
-                out[global_name(name, num_local_experts, e)] = piece
+                out[global_name(name, num_local_experts, e, offset)] = piece
         else:
-            out[global_name(name, num_local_experts, ep_rank)] = full
+            out[global_name(name, num_local_experts, ep_rank, offset)] = full
     return out

@@ -9,7 +9,10 @@ explicitly (never on `self`: activation recompute re-runs layer forwards):
            depth block; input = depth_read(completed [+ partial]); partial += y; at a depth-block
            boundary the partial joins the completed summaries. Full AttnRes is S = 1.
 
-The output read (its own parameters) sits before the final norm on the last stage.
+The output read (its own parameters) sits before the final norm on the last stage. Under
+pipeline parallelism a stage starts and ends at depth-block boundaries: it receives the completed
+summaries packed into one tensor and sends on its completed summaries the same way
+(`mcore/pipeline.py`); the partial summary never crosses a stage.
 """
 
 from megatron.core.models.hybrid.hybrid_block import HybridStack
@@ -17,6 +20,7 @@ from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch import nn
 
 from megatron_attnres.attnres.module import DepthAttention
+from megatron_attnres.mcore.pipeline import pack_summaries, unpack_summaries
 
 
 class AttnResHybridStack(HybridStack):
@@ -31,6 +35,8 @@ class AttnResHybridStack(HybridStack):
             if final_norm_module is None:
                 raise ValueError("AttnResHybridStack needs final_norm_module in its spec params")
             self.final_norm = final_norm_module(config=config, hidden_size=hidden, eps=eps)
+        # 1-based number of this stage's first sublayer; a stage starts a depth block.
+        self.first_layer_number = self.layers[0].layer_number if len(self.layers) else 1
         if self.schedule.uses_depth_reads:
             # One read per local sublayer (indexed like self.layers) and the output read; child
             # modules so that sharded_state_dict (which walks children) checkpoints them.
@@ -40,6 +46,22 @@ class AttnResHybridStack(HybridStack):
                 # Replicated across TP; under sequence parallelism each rank sees its own tokens,
                 # so finalize_model_grads must all-reduce these grads like LayerNorm weights.
                 param.sequence_parallel = bool(config.sequence_parallel)
+
+    def _summaries_entering(self) -> int:
+        if self.pre_process or not self.schedule.uses_depth_reads:
+            return 1
+        return self.schedule.summaries_entering(self.first_layer_number)
+
+    def set_input_tensor(self, input_tensor):
+        """Receive the previous stage's payload (the packed completed summaries).
+
+        HybridModel sizes RoPE by `input_tensor.size(0)`, so that attribute shows one summary's
+        rows; the whole payload is kept in `stage_payload` for forward().
+        """
+        self.stage_payload = input_tensor
+        if input_tensor is not None:
+            input_tensor = input_tensor[: input_tensor.shape[0] // self._summaries_entering()]
+        self.input_tensor = input_tensor
 
     def _attnres_parameters(self):
         yield from self.depth_reads.parameters()
@@ -54,7 +76,7 @@ class AttnResHybridStack(HybridStack):
                 "for generation"
             )
         if not self.pre_process:
-            hidden_states = self.input_tensor  # set by the pipeline schedule
+            hidden_states = self.stage_payload  # set by the pipeline schedule
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         layer_kwargs = dict(
@@ -64,7 +86,11 @@ class AttnResHybridStack(HybridStack):
             padding_mask=padding_mask,
         )
         if self.schedule.uses_depth_reads:
-            out = self._forward_depth_attention(hidden_states, layer_kwargs)
+            if self.pre_process:
+                completed = [hidden_states]  # b_0: the embedding
+            else:
+                completed = unpack_summaries(hidden_states, self._summaries_entering())
+            out = self._forward_depth_attention(completed, layer_kwargs)
         else:
             out = hidden_states
             for layer in self.layers:
@@ -73,15 +99,19 @@ class AttnResHybridStack(HybridStack):
             out = self.final_norm(out)
         return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
 
-    def _forward_depth_attention(self, embedded, layer_kwargs):
-        completed, partial = [embedded], None
+    def _forward_depth_attention(self, completed, layer_kwargs):
+        partial = None
         for read, layer in zip(self.depth_reads, self.layers, strict=True):
             if self.schedule.starts_block(layer.layer_number) and partial is not None:
                 completed, partial = [*completed, partial], None
             sources = completed if partial is None else [*completed, partial]
             y = _raw_output(layer, read(sources), layer_kwargs)
             partial = y if partial is None else partial + y
-        return self.output_read([*completed, partial])
+        if partial is not None:
+            completed = [*completed, partial]  # stages end at depth-block boundaries
+        if not self.post_process:
+            return pack_summaries(completed)
+        return self.output_read(completed)
 
 
 def _raw_output(layer, x, layer_kwargs):

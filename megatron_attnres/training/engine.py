@@ -1,8 +1,8 @@
 """One optimizer step of a Megatron model, through megatron.core's own machinery.
 
-    ddp = wrap_ddp(model)
-    optimizer = make_optimizer(ddp, lr=1e-3)
-    result = train_step(ddp, optimizer, microbatches)
+    chunks = wrap_ddp(model_chunks)            # one chunk per virtual pipeline stage
+    optimizer = make_optimizer(chunks, lr=1e-3)
+    result = train_step(chunks, optimizer, microbatches)
 
 Megatron's DistributedDataParallel reduces gradients over data parallelism, its
 `finalize_model_grads` all-reduces the sequence-parallel parameters (norms, AttnRes) over tensor
@@ -31,20 +31,34 @@ class StepResult:
     skipped: bool
 
 
-def wrap_ddp(model, **ddp_options) -> DistributedDataParallel:
+def wrap_ddp(model_chunks: list, **ddp_options) -> list[DistributedDataParallel]:
     options = dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                    use_distributed_optimizer=False)  # fmt: skip
     options.update(ddp_options)
-    config = model.config
+    config = model_chunks[0].config
+    _refuse_silent_wrong_results(config)
     config.finalize_model_grads_func = finalize_model_grads
-    return DistributedDataParallel(config, DistributedDataParallelConfig(**options), model)
+    ddp_config = DistributedDataParallelConfig(**options)
+    return [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(model_chunks)]  # fmt: skip
 
 
-def make_optimizer(ddp_model, **options):
+def _refuse_silent_wrong_results(config) -> None:
+    # Measured on megatron-core 0.19.2 over gloo (DESIGN section 4): batched p2p with an
+    # interleaved pipeline gives wrong losses and gradients without any error.
+    interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
+    if interleaved and config.batch_p2p_comm and dist.get_backend() == "gloo":
+        raise ValueError(
+            "batch_p2p_comm=True with an interleaved pipeline over gloo gives wrong gradients "
+            "silently; set batch_p2p_comm=False (NCCL is not affected)"
+        )
+
+
+def make_optimizer(model_chunks: list, **options):
     fields = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, bf16=False,
-                  fp16=False, params_dtype=ddp_model.config.params_dtype)  # fmt: skip
+                  fp16=False, params_dtype=model_chunks[0].config.params_dtype)  # fmt: skip
     fields.update(options)
-    return get_megatron_optimizer(OptimizerConfig(**fields), [ddp_model])
+    return get_megatron_optimizer(OptimizerConfig(**fields), model_chunks)
 
 
 def _loss_func(loss_mask, per_token_loss):
@@ -57,31 +71,37 @@ def _forward_step(batches, model):
     batch = next(batches)
     tokens, labels = batch["tokens"], batch["labels"]
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    per_token_loss = model(tokens, positions, None, labels=labels)
+    output = model(tokens, positions, None, labels=labels)
     loss_mask = batch.get("loss_mask", torch.ones_like(labels, dtype=torch.float))
-    return per_token_loss, lambda out: _loss_func(loss_mask.float(), out)
+    return output, lambda out: _loss_func(loss_mask.float(), out)
 
 
-def forward_backward(ddp_model, microbatches: list[dict]) -> float:
+def forward_backward(model_chunks: list, microbatches: list[dict]) -> float:
     """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
     tokens = microbatches[0]["tokens"]
+    iterators = [iter(microbatches) for _ in model_chunks]
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step,
-        data_iterator=iter(microbatches),
-        model=[ddp_model],
+        data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
+        model=model_chunks,
         num_microbatches=len(microbatches),
         seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0],
         forward_only=False,
     )
-    mean = torch.stack([entry["lm_loss"] for entry in losses]).mean()
-    dist.all_reduce(mean, group=ps.get_data_parallel_group())
-    return mean.item() / ps.get_data_parallel_world_size()
+    # Only the last pipeline stage computes losses; the others contribute zero to the sum.
+    total = torch.zeros(())
+    if losses:
+        total = torch.stack([entry["lm_loss"] for entry in losses]).mean()
+    dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return total.item() / ps.get_data_parallel_world_size()
 
 
-def train_step(ddp_model, optimizer, microbatches: list[dict]) -> StepResult:
-    ddp_model.zero_grad_buffer()
+def train_step(model_chunks: list, optimizer, microbatches: list[dict]) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = forward_backward(ddp_model, microbatches)
+    loss = forward_backward(model_chunks, microbatches)
     ok, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), skipped=not ok)

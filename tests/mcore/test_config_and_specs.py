@@ -27,20 +27,42 @@ def config(**overrides):
         (dict(num_layers=7), "num_layers=7"),
         (dict(expert_model_parallel_size=3), "num_moe_experts=4 with expert_model_parallel_size=3"),
         (
-            dict(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
-            "pipeline_model_parallel_size=2",
-        ),
-        (
             dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
             "recompute_granularity='full'",
         ),
         (dict(fp32_residual_connection=True), "fp32_residual_connection=True"),
+        (
+            dict(
+                pipeline_model_parallel_size=2,
+                virtual_pipeline_model_parallel_size=2,
+                pipeline_dtype=torch.float32,
+            ),
+            "virtual_pipeline_model_parallel_size=2",
+        ),  # fmt: skip
     ],
 )
 def test_invalid_combinations_are_refused_before_building(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         config(**overrides)
     assert "unsupported configuration" in str(err.value) and ";" in str(err.value)
+
+
+def test_pipeline_cuts_must_fall_on_depth_block_boundaries():
+    from megatron_attnres.mcore.model import check_pattern, hybrid_pattern, pipeline_pattern
+
+    cfg = config(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
+    assert cfg.variable_seq_lengths  # packed summaries differ in length per boundary
+    plain = hybrid_pattern(4, moe=True)  # 8 sublayers, depth blocks of 4
+    assert pipeline_pattern(cfg, plain) == "*E*E|*E*E"
+    check_pattern(cfg, "*E*E|*E*E")
+    with pytest.raises(ValueError, match=r"after sublayer 2 \(transformer layer 1\).*cut after "
+                                         r"sublayer 4 instead"):  # fmt: skip
+        check_pattern(cfg, "*E|*E*E*E")
+    with pytest.raises(ValueError, match="has 1 pipeline segments.*'\\*E\\*E\\|\\*E\\*E'"):
+        check_pattern(cfg, plain)
+    with pytest.raises(ValueError, match="cannot split 2 depth blocks into 4 pipeline stages"):
+        pipeline_pattern(config(pipeline_model_parallel_size=4, pipeline_dtype=torch.float32),
+                         plain)  # fmt: skip
 
 
 def test_valid_config_gives_the_schedule():
