@@ -56,10 +56,11 @@ def check_cuts(pattern: str, schedule: DepthBlockSchedule, num_segments: int) ->
     """Refuse a pattern whose '|' cuts are not depth-block boundaries or are too few/many."""
     segments = pattern.split("|")
     if len(segments) != num_segments:
+        example = insert_cuts(pattern.replace("|", ""), balanced_cuts(schedule, num_segments))
         raise ValueError(
             f"hybrid pattern {pattern!r} has {len(segments)} pipeline segments but pipeline "
             f"size x virtual stages = {num_segments}; put {num_segments - 1} '|' cuts at "
-            f"depth-block boundaries, e.g. {insert_cuts(pattern.replace('|', ''), balanced_cuts(schedule, num_segments))!r}"  # noqa: E501
+            f"depth-block boundaries, e.g. {example!r}"
         )
     valid = schedule.valid_pipeline_cuts()
     done = 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel
 
 _LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
 _LOCAL_LAYER = re.compile(r"^(decoder\.(?:layers|depth_reads)\.)(\d+)(\.)")
@@ -98,7 +99,7 @@ def _chunks(model_or_chunks) -> list:
 
 
 def _unwrapped(chunk):
-    return chunk.module if hasattr(chunk, "zero_grad_buffer") else chunk  # Megatron DDP
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
 def load_full_state(model_or_chunks, full: dict[str, torch.Tensor], num_local_experts: int):

@@ -35,6 +35,7 @@ class AttnResHybridStack(HybridStack):
             if final_norm_module is None:
                 raise ValueError("AttnResHybridStack needs final_norm_module in its spec params")
             self.final_norm = final_norm_module(config=config, hidden_size=hidden, eps=eps)
+        self.stage_payload = None  # packed summaries from the previous pipeline stage
         # 1-based number of this stage's first sublayer; a stage starts a depth block.
         self.first_layer_number = self.layers[0].layer_number if len(self.layers) else 1
         if self.schedule.uses_depth_reads:
