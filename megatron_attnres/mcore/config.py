@@ -13,6 +13,17 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_attnres.attnres.schedule import DepthBlockSchedule, ResidualMode
 
+# Fused-kernel switches that Megatron-Core turns on by default but that need CUDA/TE/apex; the
+# local specs (CPU, or GPUs without TransformerEngine) run with all of them off.
+UNFUSED_KERNELS = dict(
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    persist_layer_norm=False,
+    gradient_accumulation_fusion=False,
+    masked_softmax_fusion=False,
+)
+
 
 @dataclass
 class AttnResTransformerConfig(TransformerConfig):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_attnres.attnres.reference import ReferenceConfig
-from megatron_attnres.mcore.config import AttnResTransformerConfig
+from megatron_attnres.mcore.config import UNFUSED_KERNELS, AttnResTransformerConfig
 from megatron_attnres.mcore.model import hybrid_pattern
 
 
@@ -94,12 +94,7 @@ def megatron_config(cfg: ReferenceConfig, **overrides) -> AttnResTransformerConf
         init_method_std=cfg.init_std,
         use_cpu_initialization=True,
         is_hybrid_model=True,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
+        **UNFUSED_KERNELS,
         enable_attention_residuals=mode != "none",
         attn_res_mode="full" if mode == "full" else "block",
         attn_res_block_layers=cfg.layers_per_block,

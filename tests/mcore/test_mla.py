@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from megatron_attnres.attnres import tolerance
-from megatron_attnres.mcore.config import AttnResMLATransformerConfig, AttnResTransformerConfig
+from megatron_attnres.mcore.config import (
+    UNFUSED_KERNELS,
+    AttnResMLATransformerConfig,
+    AttnResTransformerConfig,
+)
 from megatron_attnres.mcore.model import build_model, hybrid_pattern
 from tests.reference_helpers import randomise_depth_and_norm_params
 
@@ -25,11 +29,8 @@ def mla_config(rope_dim: int = 0, mode: str = "block", **overrides):
                   qk_layernorm=True, gated_linear_unit=True, activation_func=F.silu,
                   normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
                   attention_dropout=0.0, use_cpu_initialization=True, is_hybrid_model=True,
-                  bias_activation_fusion=False, bias_dropout_fusion=False,
-                  apply_rope_fusion=False, persist_layer_norm=False,
-                  gradient_accumulation_fusion=False, masked_softmax_fusion=False,
                   enable_attention_residuals=mode != "none", attn_res_mode=mode,
-                  attn_res_block_layers=1)  # fmt: skip
+                  attn_res_block_layers=1, **UNFUSED_KERNELS)  # fmt: skip
     fields.update(overrides)
     return AttnResMLATransformerConfig(**fields)
 
