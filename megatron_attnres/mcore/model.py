@@ -16,12 +16,15 @@ def hybrid_pattern(num_layers: int, moe: bool, first_k_dense: int = 0, mixer: st
     return "".join(mixer + ("E" if moe and i >= first_k_dense else "-") for i in range(num_layers))
 
 
+def pipeline_segments(config: AttnResTransformerConfig) -> int:
+    """Pattern segments ('|'-separated) the config's pipeline needs: stages x virtual stages."""
+    return config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+
+
 def pipeline_pattern(config: AttnResTransformerConfig, pattern: str) -> str:
     """`pattern` with '|' cuts for the config's pipeline (x virtual) stages: whole depth blocks,
     spread as evenly as possible. Patterns that already have cuts are returned unchanged."""
-    segments = config.pipeline_model_parallel_size * (
-        config.virtual_pipeline_model_parallel_size or 1
-    )
+    segments = pipeline_segments(config)
     if "|" in pattern or segments == 1:
         return pattern
     return insert_cuts(pattern, balanced_cuts(config.depth_block_schedule(), segments))
@@ -29,10 +32,8 @@ def pipeline_pattern(config: AttnResTransformerConfig, pattern: str) -> str:
 
 def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
     symbols = pattern.replace("|", "")
-    pp = config.pipeline_model_parallel_size
-    if pp > 1 or "|" in pattern:
-        check_cuts(pattern, config.depth_block_schedule(),
-                   pp * (config.virtual_pipeline_model_parallel_size or 1))  # fmt: skip
+    if config.pipeline_model_parallel_size > 1 or "|" in pattern:
+        check_cuts(pattern, config.depth_block_schedule(), pipeline_segments(config))
     if len(symbols) != config.num_layers:
         raise ValueError(
             f"hybrid pattern {pattern!r} has {len(symbols)} sublayer symbols but num_layers="

@@ -46,9 +46,6 @@ class Layout:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def single_rank(self) -> "Layout":
-        return Layout(microbatches=self.microbatches)
-
 
 def tiny_moe(mode: str = "block", layers_per_block: int = 2) -> ReferenceConfig:
     return ReferenceConfig(vocab_size=VOCAB, hidden_size=32, num_layers=8, num_attention_heads=4,
