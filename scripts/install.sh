@@ -68,7 +68,22 @@ if [ ! -x "$venv/bin/python" ] || ! is_py312 "$venv/bin/python"; then
   "$py" -m venv "$venv"
 fi
 
+# torch's Linux wheel brings ~3 GB of CUDA wheels (~6 GB installed). pip's cache would keep a second
+# copy of every download, so it is off unless ATTNRES_PIP_CACHE=1; pip's temporary files go beside
+# the environment (a small tmpfs /tmp would otherwise run out), and are removed afterwards.
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+if [ "${ATTNRES_PIP_CACHE:-0}" != 1 ]; then pip+=(--no-cache-dir); fi
+pip_tmp="$(dirname "$venv")/.pip-tmp"
+mkdir -p "$pip_tmp"
+trap 'rm -rf "$pip_tmp"' EXIT
+export TMPDIR="$pip_tmp"
+free_kb="$(df -Pk "$pip_tmp" | awk 'NR == 2 {print $4}')"
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((9 * 1024 * 1024)) ] \
+   && ! "$venv/bin/python" -c 'import torch, megatron.core' >/dev/null 2>&1; then
+  echo "install.sh: warning: only $((free_kb / 1024)) MiB free at $pip_tmp; a fresh install of torch" \
+       "(with its CUDA wheels) needs about 9 GiB there. Free some space or set ATTNRES_VENV to a" \
+       "larger disk if pip reports 'No space left on device'." >&2
+fi
 "${pip[@]}" install -q --upgrade "pip>=24"
 constraint=()
 if [ "$use_lock" = 1 ]; then constraint=(-c "$root/requirements/lock.txt"); fi
