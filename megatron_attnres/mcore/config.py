@@ -95,13 +95,6 @@ def validate_attnres(cfg: AttnResTransformerConfig) -> None:
         )
     if not cfg.enable_attention_residuals:
         return
-    if (cfg.virtual_pipeline_model_parallel_size or 1) > 1:
-        _refuse(
-            f"AttnRes with virtual_pipeline_model_parallel_size="
-            f"{cfg.virtual_pipeline_model_parallel_size}",
-            "interleaved stages (whose payload sizes differ per transition) are not supported "
-            "yet; use the 1F1B schedule (virtual_pipeline_model_parallel_size=None)",
-        )
     if cfg.recompute_granularity == "full":
         _refuse(
             "AttnRes with recompute_granularity='full'",

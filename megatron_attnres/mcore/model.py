@@ -5,7 +5,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from megatron_attnres.mcore.config import AttnResTransformerConfig
-from megatron_attnres.mcore.pipeline import balanced_cuts, check_cuts, insert_cuts
+from megatron_attnres.mcore.pipeline import (
+    SummaryCache,
+    balanced_cuts,
+    check_cuts,
+    chunk_first_layers,
+    insert_cuts,
+)
 from megatron_attnres.mcore.specs import attnres_local_stack_spec
 
 MIXERS, MLPS = "*+G", "-E"
@@ -113,4 +119,16 @@ def build_model_chunks(config: AttnResTransformerConfig, pattern: str, vocab_siz
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage, **kwargs,
         ))  # fmt: skip
+    if len(chunks) > 1 and config.depth_block_schedule().uses_depth_reads:
+        _share_summary_cache(config, pattern, chunks, ps.get_pipeline_model_parallel_rank())
     return chunks
+
+
+def _share_summary_cache(config, pattern: str, chunks: list, pipeline_rank: int) -> None:
+    """Interleaved stages: one SummaryCache per rank, shared by its chunks (DESIGN section 5)."""
+    schedule, stages = config.depth_block_schedule(), config.pipeline_model_parallel_size
+    entering = [schedule.summaries_entering(first) for first in chunk_first_layers(pattern)]
+    cache = SummaryCache(entering, stages, pipeline_rank)
+    for vstage, chunk in enumerate(chunks):
+        chunk.decoder.summary_cache = cache
+        chunk.decoder.chunk_index = vstage * stages + pipeline_rank

@@ -11,6 +11,8 @@ import contextlib
 from collections import defaultdict
 
 import torch
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.pipeline_parallel.p2p_communication import _p2p_ops as _ordered_p2p_ops
 
 from megatron_attnres.attnres.schedule import DepthBlockSchedule
 
@@ -120,3 +122,177 @@ class P2PTrafficCounter(contextlib.AbstractContextManager):
             setattr(p2p, name, fn)
         self._patched.clear()
         return False
+
+
+def chunk_first_layers(pattern: str) -> list[int]:
+    """1-based first sublayer of every '|'-separated segment (pipeline chunk) of `pattern`."""
+    firsts, done = [], 0
+    for segment in pattern.split("|"):
+        firsts.append(done + 1)
+        done += len(segment)
+    return firsts
+
+
+class SummaryCache:
+    """Cross-stage summary cache of one rank's interleaved (virtual) pipeline chunks (DESIGN 5).
+
+    Global chunk c = v * P + pp_rank runs on rank c mod P. With `entering[c]` summaries (b_0
+    included) entering chunk c, the rank of chunk c already holds, for the same micro-batch,
+
+        known(c) = entering[c - P + 1]   (c >= P; 0 in the first round)
+
+    summaries: everything it received at its previous chunk c - P plus what that chunk produced.
+    So the transition into chunk c carries only summaries known(c) .. entering[c] - 1, i.e. the
+    ones produced by the P - 1 chunks on other ranks since this rank's last visit (plus b_0 in the
+    first round). Per micro-batch and token that is exactly
+
+        sum over c = 1 .. C-1 of (entering[c] - known(c)) summaries of d values
+        = (P - 1) b_0 + P(P - 1)/2 Np + (V - 1) P(P - 1) Np   for Np summaries per chunk,
+
+    which (b_0 included, V >= 2) is at most the paper's P(P - 1)/2 Np + (V - 1) P^2 Np, since the
+    receiver's own summaries are never sent back to it, and below the full history
+    sum_c entering[c] (`cached_transfer_counts`).
+
+    Every cached summary is a detached leaf sharing the storage of the summary it stands for, so
+    no backward pass ever runs through another chunk's graph. Gradients reach each producer
+    exactly once: when chunk c's backward starts, the gradients that this rank's later chunks put
+    on the summaries c produced are added to c's output gradient, and when it ends, those on the
+    summaries c received are added to the gradient Megatron sends back (`_AddCachedGradients`).
+    Each part is released from the cache at that moment: every later chunk of the micro-batch has
+    finished its backward by then (`events` records it).
+    """
+
+    PARTS = ("received", "produced")
+
+    def __init__(self, entering: list[int], pipeline_size: int, pipeline_rank: int):
+        self.entering, self.P, self.rank = list(entering), pipeline_size, pipeline_rank
+        self.V = len(entering) // pipeline_size
+        self.forward_only = False
+        self._leaves = {}  # (micro-batch, virtual stage, part) -> detached summaries
+        self._forwards = [0] * self.V
+        self.live_bytes = self.peak_bytes = 0
+        self.events = []  # ("store" | "release", micro-batch, virtual stage, part, live bytes)
+
+    def known(self, chunk: int) -> int:
+        return self.entering[chunk - self.P + 1] if chunk >= self.P else 0
+
+    def begin_step(self, forward_only: bool = False) -> None:
+        if self._leaves:
+            raise RuntimeError(
+                f"the summary cache still holds {sorted(self._leaves)} (micro-batch, virtual "
+                "stage, part) entries from the previous step: a backward pass did not run"
+            )
+        self.forward_only, self._forwards = forward_only, [0] * self.V
+        self.events.clear()
+
+    def next_microbatch(self, vstage: int) -> int:
+        """Micro-batch id of this chunk's next forward (each chunk runs them in order)."""
+        microbatch = self._forwards[vstage]
+        self._forwards[vstage] += 1
+        return microbatch
+
+    def cached(self, microbatch: int, chunk: int) -> list[torch.Tensor]:
+        """The summaries 0 .. known(chunk) - 1 this rank holds for `microbatch`, in order."""
+        vstage = chunk // self.P
+        held = [leaf for v in range(vstage) for part in self.PARTS
+                for leaf in self._leaves.get((microbatch, v, part), ())]  # fmt: skip
+        if len(held) != self.known(chunk):
+            raise RuntimeError(f"summary cache holds {len(held)} summaries for chunk {chunk}, "
+                               f"expected {self.known(chunk)}")  # fmt: skip
+        if self.forward_only and vstage == self.V - 1:  # no backward will release them
+            for key in [key for key in self._leaves if key[0] == microbatch]:
+                self._release(*key)
+        return held
+
+    def store(self, microbatch: int, chunk: int, received: list, produced: list) -> None:
+        """Keep what chunk `chunk` received and produced for this rank's later chunks (the last
+        chunk on a rank keeps nothing)."""
+        vstage = chunk // self.P
+        if vstage == self.V - 1:
+            return
+        for part, summaries in zip(self.PARTS, (received, produced), strict=True):
+            if summaries:
+                leaves = [s.detach().requires_grad_(not self.forward_only) for s in summaries]
+                self._leaves[(microbatch, vstage, part)] = leaves
+                self.live_bytes += sum(_nbytes(leaf) for leaf in leaves)
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+                self.events.append(("store", microbatch, vstage, part, self.live_bytes))
+
+    def _release(self, microbatch: int, vstage: int, part: str) -> list[torch.Tensor]:
+        leaves = self._leaves.pop((microbatch, vstage, part), [])
+        if leaves:
+            self.live_bytes -= sum(_nbytes(leaf) for leaf in leaves)
+            self.events.append(("release", microbatch, vstage, part, self.live_bytes))
+        return leaves
+
+    def add_cached_gradients(self, packed: torch.Tensor, microbatch: int, chunk: int,
+                             part: str) -> torch.Tensor:  # fmt: skip
+        """Identity in forward. In backward, adds the gradients of the cached copies of `part`
+        (the summaries at the end of `packed`: chunk `chunk`'s received payload or the produced
+        tail of its outgoing payload) and releases them."""
+        if chunk // self.P == self.V - 1 or self.forward_only:
+            return packed
+        return _AddCachedGradients.apply(packed, self, (microbatch, chunk // self.P, part))
+
+
+class _AddCachedGradients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, packed, cache, key):
+        ctx.cache, ctx.key = cache, key
+        return packed.view_as(packed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaves = ctx.cache._release(*ctx.key)
+        if any(leaf.grad is not None for leaf in leaves):
+            grad = grad.clone()
+            start = grad.shape[0] - sum(leaf.shape[0] for leaf in leaves)
+            for leaf in leaves:
+                if leaf.grad is not None:
+                    grad[start : start + leaf.shape[0]] += leaf.grad
+                start += leaf.shape[0]
+        return grad, None, None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def cached_transfer_counts(entering: list[int], pipeline_size: int) -> list[int]:
+    """Summaries sent into each chunk c = 1 .. C-1 per micro-batch with the cache."""
+    cache = SummaryCache(entering, pipeline_size, 0)
+    return [entering[c] - cache.known(c) for c in range(1, len(entering))]
+
+
+class SummaryP2PCommunicator(P2PCommunicator):
+    """Megatron's P2PCommunicator with a shape exchange that is safe when the previous and the
+    next stage are the same rank (PP = 2, as in every interleaved PP=2 run).
+
+    megatron-core 0.19.2 exchanges the shapes of `variable_seq_lengths` with one
+    batch_isend_irecv of [send_prev, recv_prev, send_next, recv_next]; with prev == next over
+    gloo the two sends pair up with the other rank's receives in posting order, so a gradient
+    shape lands where an activation shape is expected and the transfer aborts (measured: "12288
+    vs 8192 bytes"). Here the shapes travel through the same even/odd ordered p2p calls that
+    Megatron uses for the tensors themselves (`_p2p_ops`), which pair correctly.
+    """
+
+    def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        device = torch.cuda.current_device()
+
+        def shape_of(t):
+            return None if t is None else torch.tensor(t.size(), device=device, dtype=torch.int64)
+
+        def empty_shape(wanted):
+            return torch.empty(3, device=device, dtype=torch.int64) if wanted else None
+
+        shapes = dict(tensor_send_next=shape_of(tensor_send_next),
+                      tensor_send_prev=shape_of(tensor_send_prev),
+                      tensor_recv_prev=empty_shape(recv_prev),
+                      tensor_recv_next=empty_shape(recv_next))  # fmt: skip
+        requests = _ordered_p2p_ops(**shapes, group=self.pp_group,
+                                    prev_pipeline_rank=self.prev_rank,
+                                    next_pipeline_rank=self.next_rank)  # fmt: skip
+        for request in requests.values():
+            request.wait()
+        received = (shapes["tensor_recv_prev"], shapes["tensor_recv_next"])
+        return tuple([0, 0, 0] if t is None else t.tolist() for t in received)

@@ -36,6 +36,9 @@ class AttnResHybridStack(HybridStack):
                 raise ValueError("AttnResHybridStack needs final_norm_module in its spec params")
             self.final_norm = final_norm_module(config=config, hidden_size=hidden, eps=eps)
         self.stage_payload = None  # packed summaries from the previous pipeline stage
+        # Interleaved pipelines: this rank's SummaryCache and this chunk's global index
+        # (set by build_model_chunks; only summaries the receiver lacks cross a transition).
+        self.summary_cache, self.chunk_index = None, None
         # 1-based number of this stage's first sublayer; a stage starts a depth block.
         self.first_layer_number = self.layers[0].layer_number if len(self.layers) else 1
         if self.schedule.uses_depth_reads:
@@ -48,10 +51,13 @@ class AttnResHybridStack(HybridStack):
                 # so finalize_model_grads must all-reduce these grads like LayerNorm weights.
                 param.sequence_parallel = bool(config.sequence_parallel)
 
-    def _summaries_entering(self) -> int:
+    def _summaries_received(self) -> int:
         if self.pre_process or not self.schedule.uses_depth_reads:
             return 1
-        return self.schedule.summaries_entering(self.first_layer_number)
+        entering = self.schedule.summaries_entering(self.first_layer_number)
+        if self.summary_cache is None:
+            return entering
+        return entering - self.summary_cache.known(self.chunk_index)
 
     def set_input_tensor(self, input_tensor):
         """Receive the previous stage's payload (the packed completed summaries).
@@ -61,7 +67,7 @@ class AttnResHybridStack(HybridStack):
         """
         self.stage_payload = input_tensor
         if input_tensor is not None:
-            input_tensor = input_tensor[: input_tensor.shape[0] // self._summaries_entering()]
+            input_tensor = input_tensor[: input_tensor.shape[0] // self._summaries_received()]
         self.input_tensor = input_tensor
 
     def _attnres_parameters(self):
@@ -87,11 +93,22 @@ class AttnResHybridStack(HybridStack):
             padding_mask=padding_mask,
         )
         if self.schedule.uses_depth_reads:
+            cache = self.summary_cache
+            microbatch = cache.next_microbatch(self.chunk_index // cache.P) if cache else None
             if self.pre_process:
-                completed = [hidden_states]  # b_0: the embedding
+                completed = [hidden_states]  # b_0: the embedding, produced here
             else:
-                completed = unpack_summaries(hidden_states, self._summaries_entering())
+                if cache is not None:
+                    hidden_states = cache.add_cached_gradients(
+                        hidden_states, microbatch, self.chunk_index, "received"
+                    )
+                completed = unpack_summaries(hidden_states, self._summaries_received())
+                if cache is not None:
+                    completed = [*cache.cached(microbatch, self.chunk_index), *completed]
+            inherited = 0 if self.pre_process else len(completed)
             out = self._forward_depth_attention(completed, layer_kwargs)
+            if not self.post_process:
+                out = self._stage_payload(out, inherited, microbatch)
         else:
             out = hidden_states
             for layer in self.layers:
@@ -111,8 +128,19 @@ class AttnResHybridStack(HybridStack):
         if partial is not None:
             completed = [*completed, partial]  # stages end at depth-block boundaries
         if not self.post_process:
-            return pack_summaries(completed)
+            return completed
         return self.output_read(completed)
+
+    def _stage_payload(self, completed, inherited, microbatch):
+        """The packed summaries for the next stage: all of them (1F1B), or under the interleaved
+        schedule only those the next chunk's rank does not hold yet (`SummaryCache`)."""
+        cache, chunk = self.summary_cache, self.chunk_index
+        if cache is None:
+            return pack_summaries(completed)
+        cache.store(microbatch, chunk, received=completed[cache.known(chunk) : inherited],
+                    produced=completed[inherited:])  # fmt: skip
+        packed = pack_summaries(completed[cache.known(chunk + 1) :])
+        return cache.add_cached_gradients(packed, microbatch, chunk, "produced")
 
 
 def _raw_output(layer, x, layer_kwargs):

@@ -22,6 +22,11 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
+from megatron.core.utils import get_model_config
+
+from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator
+from megatron_attnres.mcore.stack import AttnResHybridStack
 
 
 @dataclass
@@ -76,18 +81,35 @@ def _forward_step(batches, model):
     return output, lambda out: _loss_func(loss_mask.float(), out)
 
 
-def forward_backward(model_chunks: list, microbatches: list[dict]) -> float:
+def _pipeline_communication(model_chunks: list, forward_only: bool) -> dict:
+    """Schedule arguments for pipelines: our shape-safe communicator (SummaryP2PCommunicator)
+    and a fresh step for each rank's summary cache (interleaved stages)."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return {}
+    stacks = [m for chunk in model_chunks for m in chunk.modules()
+              if isinstance(m, AttnResHybridStack)]  # fmt: skip
+    caches = {id(s.summary_cache): s.summary_cache for s in stacks if s.summary_cache}
+    for cache in caches.values():  # one per rank, shared by its chunks
+        cache.begin_step(forward_only)
+    config = get_model_config(model_chunks[0])
+    communicator = SummaryP2PCommunicator(ps.get_pipeline_model_parallel_group(), config)
+    return dict(p2p_communicator=communicator, pg_collection=_build_default_pg_collection())
+
+
+def forward_backward(model_chunks: list, microbatches: list[dict],
+                     forward_only: bool = False) -> float:  # fmt: skip
     """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
     tokens = microbatches[0]["tokens"]
     iterators = [iter(microbatches) for _ in model_chunks]
     losses = get_forward_backward_func()(
+        **_pipeline_communication(model_chunks, forward_only),
         forward_step_func=_forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks,
         num_microbatches=len(microbatches),
         seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0],
-        forward_only=False,
+        forward_only=forward_only,
     )
     # Only the last pipeline stage computes losses; the others contribute zero to the sum.
     total = torch.zeros(())

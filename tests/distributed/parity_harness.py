@@ -5,7 +5,8 @@
 weights, takes STEPS optimizer steps (SGD with momentum, grad clipping) over the same global
 batches through Megatron's DDP, finalize_model_grads, schedules and optimizer, and returns on
 rank 0, per run (the plain one and each sabotaged one): the losses, the gathered gradients right
-after finalize_model_grads, the gathered weights after every step, and the p2p traffic.
+after finalize_model_grads, the gathered weights after every step, the p2p traffic and the
+events of the interleaved schedule's summary cache.
 The single-rank run of the same function is the oracle.
 """
 
@@ -25,7 +26,7 @@ from megatron_attnres.mcore.reference_mapping import (
     reference_to_megatron,
 )
 from megatron_attnres.mcore.sharding import gather_full, load_full_state
-from megatron_attnres.training.engine import make_optimizer, train_step, wrap_ddp
+from megatron_attnres.training.engine import forward_backward, make_optimizer, train_step, wrap_ddp
 from tests.reference_helpers import randomise
 
 TOL = tolerance(torch.float32)
@@ -100,9 +101,22 @@ def _drop_summary(chunks, **_):
     stack.unpack_summaries = without_b0
 
 
+def _forget_cached_gradients(chunks, **_):
+    """Interleaved stages: cache entries are released but the gradients that this rank's later
+    chunks put on the cached summaries are not passed on to their producers."""
+    from megatron_attnres.mcore import pipeline
+
+    def release_only(ctx, grad):
+        ctx.cache._release(*ctx.key)
+        return grad, None, None
+
+    pipeline._AddCachedGradients.backward = staticmethod(release_only)
+
+
 SABOTAGES = {"none": lambda chunks, **_: None, "no_sp_allreduce": _drop_sp_mark,
              "as_expert_params": _mark_as_expert, "detached_summaries": _detach_summaries,
-             "dropped_b0": _drop_summary}  # fmt: skip
+             "dropped_b0": _drop_summary,
+             "forgotten_cached_gradients": _forget_cached_gradients}  # fmt: skip
 
 
 def global_batch(step: int, microbatches: int) -> list[dict]:
@@ -112,9 +126,9 @@ def global_batch(step: int, microbatches: int) -> list[dict]:
 
 
 def _train(ref_cfg: ReferenceConfig, layout: Layout, sabotage: str) -> dict:
-    from megatron_attnres.mcore import stack
+    from megatron_attnres.mcore import pipeline, stack
 
-    unpack = stack.unpack_summaries
+    unpack, add_cached = stack.unpack_summaries, pipeline._AddCachedGradients.backward
     model_parallel_manual_seed(1234)
     full = reference_to_megatron(randomise(ReferenceModel(ref_cfg)).state_dict(), ref_cfg)
     config = megatron_config(
@@ -132,6 +146,7 @@ def _train(ref_cfg: ReferenceConfig, layout: Layout, sabotage: str) -> dict:
         return _steps(config, chunks, local_experts, layout)
     finally:
         stack.unpack_summaries = unpack
+        pipeline._AddCachedGradients.backward = staticmethod(add_cached)
 
 
 def _steps(config, chunks, local_experts, layout) -> dict:
@@ -147,6 +162,9 @@ def _steps(config, chunks, local_experts, layout) -> dict:
     config.finalize_model_grads_func = finalize_and_capture
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     losses, weights, initial = [], [], gather_full(chunks, local_experts)
+    caches = {id(m.summary_cache): m.summary_cache for chunk in chunks for m in chunk.modules()
+              if getattr(m, "summary_cache", None) is not None}  # fmt: skip
+    cache_log = []  # per step: (events, live bytes after the step) of this rank's summary cache
     with P2PTrafficCounter() as traffic:
         for step in range(STEPS):
             batch = global_batch(step, layout.microbatches)[dp_rank::dp_size]
@@ -154,9 +172,14 @@ def _steps(config, chunks, local_experts, layout) -> dict:
             assert not result.skipped
             losses.append(result.loss)
             weights.append(gather_full(chunks, local_experts))
+            cache_log += [(list(c.events), c.live_bytes) for c in caches.values()]
     counted = {"sent": dict(traffic.sent), "received": dict(traffic.received)}
+    # A validation-style forward-only pass (no backward releases the cache there).
+    eval_batch = global_batch(STEPS, layout.microbatches)[dp_rank::dp_size]
+    eval_loss = forward_backward(ddp, eval_batch, forward_only=True)
+    assert all(c.live_bytes == 0 for c in caches.values())
     return {"losses": losses, "grads": grads, "weights": weights, "initial": initial,
-            "traffic": counted}  # fmt: skip
+            "traffic": counted, "cache": cache_log, "eval_loss": eval_loss}  # fmt: skip
 
 
 def train_on_layout(rank, world_size, layout: Layout, sabotages=(), mode="block",
@@ -171,10 +194,11 @@ def train_on_layout(rank, world_size, layout: Layout, sabotages=(), mode="block"
         ref_cfg = tiny_moe(mode, layers_per_block)
         runs = {name: _train(ref_cfg, layout, name) for name in ("none", *sabotages)}
         # Traffic is per rank: collect every rank's counters on rank 0.
-        traffic = [None] * world_size
-        torch.distributed.all_gather_object(traffic, {k: r["traffic"] for k, r in runs.items()})
-        for name, run in runs.items():
-            run["traffic"] = [per_rank[name] for per_rank in traffic]
+        for key in ("traffic", "cache"):
+            per_rank = [None] * world_size
+            torch.distributed.all_gather_object(per_rank, {n: r[key] for n, r in runs.items()})
+            for name, run in runs.items():
+                run[key] = [rank_runs[name] for rank_runs in per_rank]
     finally:
         ps.destroy_model_parallel()
     return runs if rank == 0 else None
@@ -197,3 +221,4 @@ def assert_trains_like(run: dict, oracle: dict) -> None:
         TOL.assert_close(torch.tensor(run["losses"][step]), torch.tensor(oracle["losses"][step]))
         assert mismatched(run["grads"][step], oracle["grads"][step]) == [], step
         assert mismatched(run["weights"][step], oracle["weights"][step]) == [], step
+    TOL.assert_close(torch.tensor(run["eval_loss"]), torch.tensor(oracle["eval_loss"]))

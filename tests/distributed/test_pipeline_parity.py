@@ -1,11 +1,13 @@
-"""Pipeline parallelism (1F1B) where only depth-block summaries cross stages (DESIGN section 5).
+"""Pipeline parallelism where only depth-block summaries cross stages (DESIGN section 5).
 
-PP=2, PP=4 and PP=2 x EP=2 take 3 optimizer steps over 4 micro-batches with the same losses,
-gathered gradients and weights as one rank (rtol 1e-5); so does Full AttnRes with PP=2. The bytes
-Megatron's p2p calls move (shape messages excluded) equal, at every boundary and micro-batch,
-(completed summaries, b_0 included) x seq x micro-batch x hidden x 4 in both directions. Negative
-controls: a receiving stage that detaches its summaries (no gradient back to their producers) or
-loses b_0 must break parity.
+1F1B with PP=2, PP=4, PP=2 x EP=2, Full AttnRes with PP=2, and the interleaved schedule with
+PP=2 x V=2 take 3 optimizer steps over 4 micro-batches with the same losses, gathered gradients
+and weights as one rank (rtol 1e-5). The bytes Megatron's p2p calls move (shape messages
+excluded) equal, at every boundary and micro-batch, (completed summaries, b_0 included) x seq x
+micro-batch x hidden x 4 in both directions for 1F1B, and the documented cached count for the
+interleaved schedule, whose cache entries are released once per micro-batch. Negative controls:
+a receiving stage that detaches its summaries (no gradient back to their producers), loses b_0,
+or (interleaved) drops the gradients of its cached own summaries must break parity.
 """
 
 import pytest
@@ -77,3 +79,57 @@ def test_pipeline_trains_like_one_rank_and_sends_only_summaries(single_rank, lay
 
     broken = mismatched(runs[sabotage]["grads"][0], oracle["grads"][0])
     assert broken, f"sabotage {sabotage!r} went unnoticed"
+
+
+def closed_form_transfers(P: int, V: int, Np: int) -> list[int]:
+    """Summaries sent into chunks 1 .. PV-1 with the cache, from DESIGN section 5 (not from the
+    cache's code): the first round sends everything so far (b_0 + c Np into chunk c < P); later
+    transitions send what the other P - 1 ranks produced since the receiver's last chunk."""
+    return [c * Np + 1 if c < P else (P - 1) * Np for c in range(1, P * V)]
+
+
+def test_interleaved_pp2_vp2_trains_like_one_rank_with_cached_summaries(single_rank):
+    layout = Layout(pp=2, vp=2, microbatches=MICROBATCHES)
+    sabotages = ("forgotten_cached_gradients", "detached_summaries")
+    runs = run_distributed(train_on_layout, 2, args=(layout, sabotages, "block", 2))[0]
+    assert_trains_like(runs["none"], single_rank["block"])
+    for sabotage in sabotages:
+        broken = mismatched(runs[sabotage]["grads"][0], single_rank["block"]["grads"][0])
+        assert broken, f"sabotage {sabotage!r} went unnoticed"
+
+    # 4 depth blocks over 2 x 2 chunks: one summary produced per chunk (Np = 1).
+    P, V, Np = 2, 2, 1
+    summary = SEQ * MICRO_BATCH * 32 * 4
+    into = closed_form_transfers(P, V, Np)  # [2, 1, 1]
+    per_microbatch = STEPS * MICROBATCHES
+    for rank, counted in enumerate(runs["none"]["traffic"]):
+        sends = [into[c] * summary for c in range(rank, P * V - 1, P)]  # out of chunk c
+        receives = [into[c - 1] * summary for c in range(rank, P * V, P) if c > 0]
+        assert sorted(counted["sent"]["next"]) == sorted(sends * per_microbatch)
+        assert sorted(counted["received"]["prev"]) == sorted(sends * per_microbatch)
+        assert sorted(counted["received"]["next"]) == sorted(receives * per_microbatch)
+        assert sorted(counted["sent"]["prev"]) == sorted(receives * per_microbatch)
+    # Per micro-batch and token: ours (b_0 included) <= the paper's cached figure (b_0 excluded)
+    # < the full history of every transition.
+    ours = sum(into)
+    paper = P * (P - 1) // 2 * Np + (V - 1) * P**2 * Np
+    full_history = sum(c * Np + 1 for c in range(1, P * V))
+    assert ours == 4 and paper == 5 and full_history == 9
+
+    # The cache: for each micro-batch a rank keeps what its first chunk c = rank received and
+    # produced (known(c + P) = entering[c + 1] summaries) and releases each part exactly once.
+    for rank, steps in enumerate(runs["none"]["cache"]):
+        assert len(steps) == STEPS
+        for events, live_after in steps:
+            assert live_after == 0
+            live = [0] + [event[-1] for event in events]
+            held, stored = {}, {k: 0 for k in range(MICROBATCHES)}
+            for (kind, k, v, part, _), before, after in zip(events, live, live[1:], strict=False):
+                assert v == 0  # only the first of the two chunks on a rank has later users
+                if kind == "store":
+                    held[(k, part)] = after - before
+                    stored[k] += after - before
+                else:
+                    assert held.pop((k, part)) == before - after  # released once, whole
+            assert held == {}
+            assert stored == {k: (rank + 2) * summary for k in range(MICROBATCHES)}

@@ -31,14 +31,6 @@ def config(**overrides):
             "recompute_granularity='full'",
         ),
         (dict(fp32_residual_connection=True), "fp32_residual_connection=True"),
-        (
-            dict(
-                pipeline_model_parallel_size=2,
-                virtual_pipeline_model_parallel_size=2,
-                pipeline_dtype=torch.float32,
-            ),
-            "virtual_pipeline_model_parallel_size=2",
-        ),  # fmt: skip
     ],
 )
 def test_invalid_combinations_are_refused_before_building(overrides, message):
