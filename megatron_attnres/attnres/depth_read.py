@@ -10,7 +10,7 @@ For sources v_0..v_{N-1} (each [..., H]), pseudo-query w and key-norm gain g:
 All arithmetic is float32 for float32 and half inputs (float64 stays float64, for gradcheck);
 the result is cast back to the sources' dtype.
 
-Two implementations:
+Two implementations (plus `depth_weights`, the reference's weights a_i, for diagnostics):
 - `depth_read_reference`: stacks the sources and lets autograd do the rest. Readable; the oracle.
 - `depth_read` (`LeanDepthRead`): never stacks, keeps only references to the sources plus three
   fp32 scalars per source and token (inverse rms r, unnormalised score t = v.q, weight alpha),
@@ -59,12 +59,34 @@ def depth_read_reference(
     _check_sources(sources, pseudo_query)
     dtype = _compute_dtype(sources[0].dtype)
     values_NTH = torch.stack([src.to(dtype) for src in sources])
+    alpha_NT = _softmax_weights(values_NTH, pseudo_query, key_norm_weight, eps)
+    out_TH = (alpha_NT.unsqueeze(-1) * values_NTH).sum(dim=0)
+    return out_TH.to(sources[0].dtype)
+
+
+def depth_weights(
+    sources: Sequence[torch.Tensor],
+    pseudo_query: torch.Tensor,
+    key_norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The depth read's softmax weights a_i, shape [N, *token_dims], in the compute dtype (fp32
+    for fp32 and half inputs). The same computation as `depth_read_reference`, so
+    sum_i a_i v_i is its result."""
+    _check_sources(sources, pseudo_query)
+    dtype = _compute_dtype(sources[0].dtype)
+    values_NTH = torch.stack([src.to(dtype) for src in sources])
+    return _softmax_weights(values_NTH, pseudo_query, key_norm_weight, eps)
+
+
+def _softmax_weights(values_NTH, pseudo_query, key_norm_weight, eps) -> torch.Tensor:
+    """a = softmax_i(w . RMSNorm_g(v_i)) over the depth axis (DESIGN section 3); values are
+    already in the compute dtype."""
+    dtype = values_NTH.dtype
     inv_rms_NT1 = torch.rsqrt(values_NTH.pow(2).mean(dim=-1, keepdim=True) + eps)
     keys_NTH = values_NTH * inv_rms_NT1 * key_norm_weight.to(dtype)
     scores_NT = (keys_NTH * pseudo_query.to(dtype)).sum(dim=-1)
-    alpha_NT = torch.softmax(scores_NT, dim=0)
-    out_TH = (alpha_NT.unsqueeze(-1) * values_NTH).sum(dim=0)
-    return out_TH.to(sources[0].dtype)
+    return torch.softmax(scores_NT, dim=0)
 
 
 class LeanDepthRead(torch.autograd.Function):

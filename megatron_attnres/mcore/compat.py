@@ -23,7 +23,8 @@ CHANGES = (
     "(CPURNGStatesTracker) and model_parallel_cuda_manual_seed seeds it, with the same three "
     "named states and seeds as on GPU",
     "the modules in CUDA_LITERAL_MODULES (optimizer, grad clipping and its norm helpers, "
-    "pipeline schedules and p2p, DDP grad buffers) see a `torch` whose tensor factories "
+    "pipeline schedules and p2p, DDP grad buffers, dist-checkpoint writer) see a `torch` whose "
+    "tensor factories "
     "(tensor/zeros/ones/empty/full) map device='cuda' to the CPU (loss scale, found-inf flags, "
     "grad-norm buffers, token counters, p2p buffers) and whose torch.cuda.current_stream(), "
     "Stream() and synchronize() are CPU no-ops",
@@ -39,6 +40,7 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 
 _ORIGINALS: dict[str, object] = {}

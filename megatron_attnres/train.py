@@ -1,0 +1,8 @@
+"""`python -m megatron_attnres.train`: the same entry point as `attnres-train`."""
+
+import sys
+
+from megatron_attnres.training.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Process-group start-up for every way a run is launched.
+
+- torchrun (and the DeepSpeed launcher): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT are set.
+- Slurm, one task per GPU (`srun --ntasks-per-node=G python -m megatron_attnres.train ...`): the
+  ranks come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR must be exported by
+  the job script (the first host of the node list) and MASTER_PORT defaults to 29500.
+- A bare process: a 1-rank group on a free local port.
+
+NCCL on GPU hosts (each rank on cuda:LOCAL_RANK), gloo on CPU.
+"""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_environment() -> dict[str, str]:
+    """The rank variables for this process, from torchrun, Slurm, or defaults for 1 rank."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {k: env[k] for k in ("RANK", "WORLD_SIZE")} | {
+            "LOCAL_RANK": env.get("LOCAL_RANK", "0")
+        }
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                "Slurm task launch without MASTER_ADDR: export MASTER_ADDR=$(scontrol show "
+                "hostnames $SLURM_JOB_NODELIST | head -n1) in the job script (see "
+                "launch/slurm/train.sbatch), or start ranks with torchrun"
+            )
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        }
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
+def init_distributed() -> None:
+    """Start the default process group (no-op when one exists)."""
+    if dist.is_initialized():
+        return
+    ranks = launch_environment()
+    os.environ.update(ranks)
+    if ranks["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(ranks["LOCAL_RANK"]))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, rank=int(ranks["RANK"]), world_size=int(ranks["WORLD_SIZE"]))

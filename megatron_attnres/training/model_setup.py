@@ -1,0 +1,141 @@
+"""From a RunConfig to Megatron-Core objects: the transformer config, the hybrid pattern, the
+model chunks, the optimizer and the learning-rate schedule."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_attnres.mcore.config import (
+    UNFUSED_KERNELS,
+    AttnResMLATransformerConfig,
+    AttnResTransformerConfig,
+)
+from megatron_attnres.mcore.model import hybrid_pattern
+from megatron_attnres.training.engine import make_optimizer
+from megatron_attnres.training.run_config import RunConfig
+
+
+def padded_vocab_size(run: RunConfig, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: `vocab_size` if set, else the tokenizer's padded up to a multiple
+    of make_vocab_size_divisible_by x TP (as Megatron-LM pads)."""
+    if run.vocab_size is not None:
+        return run.vocab_size
+    multiple = run.make_vocab_size_divisible_by * run.tensor_model_parallel_size
+    return math.ceil(tokenizer_vocab / multiple) * multiple
+
+
+def layer_pattern(run: RunConfig) -> str:
+    if run.hybrid_layer_pattern:
+        return run.hybrid_layer_pattern
+    return hybrid_pattern(
+        run.num_layers,
+        moe=bool(run.num_experts),
+        first_k_dense=run.moe_first_k_dense,
+        mixer="+" if run.multi_latent_attention else "*",
+    )
+
+
+def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
+    """The AttnResTransformerConfig of the run. Local (non-TransformerEngine) modules: every
+    fused-kernel switch that needs TE/apex is off."""
+    pattern = layer_pattern(run).replace("|", "")
+    on_gpu = torch.cuda.is_available()
+    fields = dict(
+        num_layers=len(pattern),
+        hidden_size=run.hidden_size,
+        ffn_hidden_size=run.ffn_hidden_size,
+        num_attention_heads=run.num_attention_heads,
+        num_query_groups=run.num_query_groups,
+        kv_channels=run.kv_channels,
+        num_moe_experts=run.num_experts or None,
+        moe_router_topk=run.moe_router_topk,
+        moe_ffn_hidden_size=run.moe_ffn_hidden_size or run.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=run.moe_shared_expert_intermediate_size,
+        moe_router_score_function=run.moe_router_score_function,
+        moe_router_enable_expert_bias=run.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=run.moe_router_bias_update_rate,
+        moe_router_topk_scaling_factor=run.moe_router_topk_scaling_factor,
+        moe_aux_loss_coeff=run.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=run.moe_token_dispatcher_type,
+        moe_grouped_gemm=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=run.norm_epsilon,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=run.init_method_std,
+        use_cpu_initialization=not on_gpu,
+        is_hybrid_model=True,
+        bf16=run.bf16,
+        params_dtype=torch.bfloat16 if run.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if run.bf16 else torch.float32,
+        tensor_model_parallel_size=run.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=run.expert_model_parallel_size,
+        expert_tensor_parallel_size=1
+        if run.expert_model_parallel_size > 1
+        else run.tensor_model_parallel_size,
+        sequence_parallel=run.sequence_parallel,
+        batch_p2p_comm=False,  # interleaved + batched p2p gives wrong results on gloo
+        **UNFUSED_KERNELS,
+        enable_attention_residuals=run.enable_attention_residuals,
+        attn_res_mode=run.attn_res_mode,
+        attn_res_block_layers=run.attn_res_block_layers,
+    )
+    if "+" in pattern:
+        fields.update(
+            q_lora_rank=run.q_lora_rank,
+            kv_lora_rank=run.kv_lora_rank,
+            qk_head_dim=run.qk_head_dim,
+            qk_pos_emb_head_dim=run.qk_pos_emb_head_dim,
+            v_head_dim=run.v_head_dim,
+            qk_layernorm=run.qk_layernorm,
+            rope_type="rope",
+            rotary_base=run.rotary_base,
+        )
+        return AttnResMLATransformerConfig(**fields)
+    return AttnResTransformerConfig(**fields)
+
+
+def optimizer_and_scheduler(run: RunConfig, chunks):
+    """Megatron-Core's optimizer and OptimizerParamScheduler (steps counted in samples, as in
+    Megatron-LM). Weight decay applies to matrices only: Megatron's default grouping exempts
+    biases and 1-D parameters (norm gains, AttnRes pseudo-queries and key-norm gains)."""
+    options = dict(
+        optimizer=run.optimizer,
+        lr=run.lr,
+        min_lr=run.min_lr,
+        weight_decay=run.weight_decay,
+        clip_grad=run.clip_grad,
+        bf16=run.bf16,
+        use_distributed_optimizer=run.use_distributed_optimizer,
+    )
+    if run.optimizer in ("adam", "muon"):
+        options.update(adam_beta1=run.adam_beta1, adam_beta2=run.adam_beta2, adam_eps=run.adam_eps)
+    if run.optimizer == "sgd":
+        options.update(sgd_momentum=run.sgd_momentum)
+    optimizer = make_optimizer(chunks, **options)
+    gbs = run.global_batch_size
+    decay_iters = run.lr_decay_iters or run.train_iters
+    wsd_iters = run.lr_wsd_decay_iters or max(1, round(0.2 * decay_iters))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=run.lr,
+        min_lr=run.min_lr,
+        lr_warmup_steps=run.lr_warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=run.lr_decay_style,
+        start_wd=run.weight_decay,
+        end_wd=run.weight_decay,
+        wd_incr_steps=run.train_iters * gbs,
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd_iters * gbs,
+        lr_wsd_decay_style=run.lr_wsd_decay_style,
+    )
+    return optimizer, scheduler

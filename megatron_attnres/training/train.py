@@ -1,0 +1,354 @@
+"""`attnres-train`: pretrain a Block-AttnRes MoE on Megatron-Core.
+
+    attnres-train --config configs/tiny.yaml [--key value ...]
+    torchrun --nproc-per-node 8 -m megatron_attnres.train --config ... (multi-rank)
+
+One process per rank (torchrun / Slurm / DeepSpeed launcher set the rank variables; a bare
+process is a 1-rank run). The run directory receives the resolved config (config.yaml),
+metrics.jsonl, checkpoints/, wandb/ and plots/. Everything below is Megatron-Core's own machinery:
+parallel state, HybridModel with our stack, DDP + finalize_model_grads, the pipeline schedules,
+the optimizer and OptimizerParamScheduler, GPT datasets and dist checkpointing.
+"""
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_attnres.mcore.compat import (
+    activate_cpu_compat,
+    cpu_compat_needed,
+    model_parallel_manual_seed,
+)
+from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
+from megatron_attnres.training import checkpointing as ckpt
+from megatron_attnres.training.data import build_gpt_datasets, micro_batches
+from megatron_attnres.training.diagnostics import ModelDiagnostics, gather_diagnostics
+from megatron_attnres.training.distributed import init_distributed
+from megatron_attnres.training.engine import forward_backward, train_step, wrap_ddp
+from megatron_attnres.training.metrics import MetricsLog, ProgressLine, flops_per_token
+from megatron_attnres.training.model_setup import (
+    layer_pattern,
+    optimizer_and_scheduler,
+    padded_vocab_size,
+    transformer_config,
+)
+from megatron_attnres.training.run_config import (
+    RunConfig,
+    dump,
+    load_run_config,
+    parse_overrides,
+)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    parser = argparse.ArgumentParser(
+        prog="attnres-train",
+        description="Pretrain a Block-AttnRes MoE language model on Megatron-Core.",
+        epilog="Any config key can be overridden: --train-iters 50 --lr 3e-4 (or --lr=3e-4). "
+        "Keys are Megatron-LM's argument names; see configs/tiny.yaml.",
+    )
+    parser.add_argument("--config", help="YAML run config (default: all defaults)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the layout, then exit"
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the DeepSpeed launcher; LOCAL_RANK wins
+    args, rest = parser.parse_known_args(argv)
+    return args, load_run_config(args.config, parse_overrides(rest))
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's --signal, preemption) ask for a save at the end of the
+    current step; every rank agrees before acting (an all-reduce of the flag)."""
+
+    def __init__(self, enabled: bool):
+        self.flag = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.flag else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _prepare_data(run: RunConfig) -> tuple[list[str], str]:
+    """(blend, tokenizer model): the built-in corpus is tokenised and preprocessed on rank 0."""
+    if run.data_path == ["builtin"]:
+        from megatron_attnres.training.preprocess import prepare_builtin_data
+
+        out = Path(run.run_dir) / "data"
+        if dist.get_rank() == 0:
+            prepared = prepare_builtin_data(out, vocab_size=run.tokenizer_vocab_size)
+            paths = [str(prepared.data_prefix), str(prepared.tokenizer_model)]
+        else:
+            paths = [None, None]
+        dist.broadcast_object_list(paths, src=0)
+        return [paths[0]], run.tokenizer_model or paths[1]
+    if not run.tokenizer_model:
+        raise ValueError(
+            "tokenizer_model is not set; give the sentencepiece .model the data was "
+            "preprocessed with (attnres-train-tokenizer writes one)"
+        )
+    return run.data_path, run.tokenizer_model
+
+
+def _check_batch(run: RunConfig, dp: int) -> int:
+    per_step = run.micro_batch_size * dp
+    if run.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={run.global_batch_size} is not divisible by micro_batch_size x "
+            f"data-parallel size = {run.micro_batch_size} x {dp}; use a multiple of {per_step}"
+        )
+    return run.global_batch_size // per_step
+
+
+def _take(iterator, count: int) -> list[dict]:
+    batch = []
+    for _ in range(count):
+        mb = next(iterator)
+        batch.append({"tokens": mb["tokens"], "labels": mb["labels"], "loss_mask": mb["loss_mask"]})
+    return batch
+
+
+def unigram_entropy(dataset, samples: int) -> float:
+    """Entropy (nats) of the label-token distribution of the first `samples` samples: the loss of
+    the best model that ignores context."""
+    counts = {}
+    for i in range(min(samples, len(dataset))):
+        ids, n = np.unique(np.asarray(dataset[i]["labels"]), return_counts=True)
+        for token, c in zip(ids.tolist(), n.tolist(), strict=True):
+            counts[token] = counts.get(token, 0) + c
+    p = np.array(list(counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+class Trainer:
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.rank0 = dist.get_rank() == 0
+        ps.initialize_model_parallel(
+            run.tensor_model_parallel_size,
+            run.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=run.expert_model_parallel_size,
+            expert_tensor_parallel_size=1
+            if run.expert_model_parallel_size > 1
+            else run.tensor_model_parallel_size,
+        )
+        model_parallel_manual_seed(run.seed)
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.num_micro = _check_batch(run, self.dp)
+        blend, tokenizer_path = _prepare_data(run)
+        from megatron_attnres.training.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.vocab = padded_vocab_size(run, self.tokenizer.vocab_size)
+        self.config = transformer_config(run)
+        self.pattern = pipeline_pattern(self.config, layer_pattern(run))
+        chunks = build_model_chunks(
+            self.config,
+            self.pattern,
+            self.vocab,
+            run.seq_length,
+            position_embedding_type=None
+            if run.multi_latent_attention
+            else run.position_embedding_type,
+            rotary_base=run.rotary_base,
+            share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
+        )
+        self.chunks = wrap_ddp(chunks, use_distributed_optimizer=run.use_distributed_optimizer)
+        self.optimizer, self.scheduler = optimizer_and_scheduler(run, self.chunks)
+        self.train_data, self.valid_data = build_gpt_datasets(
+            blend,
+            self.tokenizer,
+            seq_length=run.seq_length,
+            train_samples=run.train_iters * run.global_batch_size,
+            valid_samples=max(1, run.eval_iters) * run.global_batch_size,
+            cache_dir=run.data_cache_path or Path(run.run_dir) / "data_cache",
+            split=run.split,
+            seed=run.seed,
+            model_vocab_size=self.vocab,
+        )
+        self.save_dir = Path(run.save or Path(run.run_dir) / "checkpoints")
+        self.progress = ckpt.Progress()
+        if run.load:
+            loaded = ckpt.load_checkpoint(run.load, self.chunks, self.optimizer, self.scheduler)
+            if loaded is not None:
+                self.progress = loaded
+                self._print(
+                    f"resumed from {run.load} at step {loaded.iteration} "
+                    f"({loaded.consumed_samples} samples consumed)"
+                )
+        schedule = self.config.depth_block_schedule()
+        reads = [schedule.sources(i).num_sources for i in range(1, schedule.num_sublayers + 1)]
+        reads = [*reads, schedule.num_final_sources()] if schedule.uses_depth_reads else []
+        self.flops = flops_per_token(run, self.vocab, self.pattern, reads)
+        self.diagnostics = ModelDiagnostics(self.chunks)
+
+    def _print(self, text: str) -> None:
+        if self.rank0:
+            print(text, flush=True)
+
+    def evaluate(self) -> float | None:
+        if self.valid_data is None or self.run.eval_iters < 1:
+            return None
+        data = micro_batches(
+            self.valid_data,
+            self.run.micro_batch_size,
+            0,
+            data_parallel_rank=self.dp_rank,
+            data_parallel_size=self.dp,
+        )
+        losses = []
+        for chunk in self.chunks:
+            chunk.eval()
+        with torch.no_grad():
+            for _ in range(self.run.eval_iters):
+                batch = _take(data, self.num_micro)
+                losses.append(forward_backward(self.chunks, batch, forward_only=True))
+        for chunk in self.chunks:
+            chunk.train()
+        return sum(losses) / len(losses)
+
+    def save(self) -> None:
+        path = ckpt.save_checkpoint(
+            self.save_dir, self.chunks, self.optimizer, self.scheduler, self.progress
+        )
+        self._print(f"saved checkpoint {path}")
+
+    def train(self) -> dict:
+        run, log = self.run, MetricsLog(self.run, enabled=self.rank0)
+        stop = StopRequest(run.exit_signal_handler)
+        line = ProgressLine(run, self.flops, dist.get_world_size())
+        data = micro_batches(
+            self.train_data,
+            run.micro_batch_size,
+            self.progress.consumed_samples,
+            data_parallel_rank=self.dp_rank,
+            data_parallel_size=self.dp,
+            num_workers=run.num_workers,
+        )
+        started, valid_loss, reason = time.monotonic(), None, "done"
+        try:
+            while self.progress.iteration < run.train_iters:
+                batch = _take(data, self.num_micro)
+                if (self.progress.iteration + 1) % run.diagnostics_interval == 0:
+                    with self.diagnostics.capture():
+                        result = train_step(self.chunks, self.optimizer, batch)
+                    gathered = gather_diagnostics(self.diagnostics.summary())
+                    if gathered is not None:
+                        log.write("diagnostics", self.progress.iteration + 1, **gathered)
+                else:
+                    result = train_step(self.chunks, self.optimizer, batch)
+                self.scheduler.step(increment=run.global_batch_size)
+                self.progress.iteration += 1
+                self.progress.consumed_samples += run.global_batch_size
+                step = self.progress.iteration
+                values = line.step(
+                    step,
+                    result.loss,
+                    self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                    result.grad_norm,
+                )
+                log.write(
+                    "train",
+                    step,
+                    skipped=result.skipped,
+                    consumed_samples=self.progress.consumed_samples,
+                    **values,
+                )
+                if step % run.log_interval == 0 or step == run.train_iters:
+                    self._print(line.text)
+                if step % run.eval_interval == 0 and step < run.train_iters:
+                    valid_loss = self.evaluate()
+                    log.write("valid", step, loss=valid_loss)
+                    self._print(f"step {step}: validation loss {valid_loss:.4f}")
+                    line.last = time.perf_counter()  # the next step's time excludes evaluation
+                reason = self._should_stop(step, stop, started)
+                if reason:
+                    break
+                if run.save_interval and step % run.save_interval == 0:
+                    self.save()
+            self.save()
+            if reason != "done":
+                self._print(f"stopping at step {self.progress.iteration}: {reason}")
+                return {"stopped": reason, "step": self.progress.iteration}
+            return self._finish(log)
+        finally:
+            log.close()
+
+    def _should_stop(self, step, stop: StopRequest, started: float) -> str | None:
+        run = self.run
+        if stop.agreed():
+            return "signal received"
+        if run.exit_interval and step % run.exit_interval == 0 and step < run.train_iters:
+            return f"exit_interval={run.exit_interval}"
+        if run.exit_duration_in_mins is not None:
+            over = torch.tensor(
+                [float(time.monotonic() - started > 60 * run.exit_duration_in_mins)]
+            )
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            if over.item():
+                return f"exit_duration_in_mins={run.exit_duration_in_mins}"
+        return "done" if step >= run.train_iters else None
+
+    def _finish(self, log: MetricsLog) -> dict:
+        valid_loss = self.evaluate()
+        summary = {"valid_loss": valid_loss}
+        if valid_loss is not None:
+            samples = self.run.eval_iters * self.run.global_batch_size
+            entropy = unigram_entropy(self.valid_data, samples)
+            summary.update(unigram_entropy=entropy, below_unigram=entropy - valid_loss)
+            self._print(
+                f"final validation loss {valid_loss:.4f} nats; unigram entropy of the "
+                f"validation split {entropy:.4f} nats ({entropy - valid_loss:+.4f})"
+            )
+        log.write("final", self.progress.iteration, **summary)
+        return {"step": self.progress.iteration, **summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, run = parse_args(sys.argv[1:] if argv is None else argv)
+    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    init_distributed()
+    if cpu_compat_needed():
+        activate_cpu_compat()
+    try:
+        if dist.get_rank() == 0:
+            print(dump(run), end="", flush=True)
+            (Path(run.run_dir) / "config.yaml").write_text(dump(run))
+        if args.dry_run:
+            return 0
+        summary = Trainer(run).train()
+        if dist.get_rank() == 0 and run.plots and "stopped" not in summary:
+            _plot(run.run_dir)
+        return 0
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _plot(run_dir: str) -> None:
+    from megatron_attnres.training.plot import write_plots
+
+    for path in write_plots(run_dir):
+        print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
