@@ -15,6 +15,7 @@ summaries packed into one tensor and sends on its completed summaries the same w
 (`mcore/pipeline.py`); the partial summary never crosses a stage.
 """
 
+from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch import nn
@@ -69,6 +70,16 @@ class AttnResHybridStack(HybridStack):
         if input_tensor is not None:
             input_tensor = input_tensor[: input_tensor.shape[0] // self._summaries_received()]
         self.input_tensor = input_tensor
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron's, with each depth read checkpointed under its global sublayer index (as the
+        layers are), so pipeline stages do not collide and checkpoints reshard across PP."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.schedule.uses_depth_reads:
+            apply_prefix_mapping(state, {f"{prefix}depth_reads.{i}.":
+                                         f"{prefix}depth_reads.{layer.layer_number - 1}."
+                                         for i, layer in enumerate(self.layers)})  # fmt: skip
+        return state
 
     def _attnres_parameters(self):
         yield from self.depth_reads.parameters()

@@ -321,8 +321,15 @@ class Trainer:
         return {"step": self.progress.iteration, **summary}
 
 
+BAD_INPUT = (ValueError, FileNotFoundError)  # refused before training: message, no traceback
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, run = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args, run = parse_args(sys.argv[1:] if argv is None else argv)
+    except BAD_INPUT as err:
+        print(f"attnres-train: error: {err}", file=sys.stderr)
+        return 2
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     init_distributed()
     if cpu_compat_needed():
@@ -333,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             (Path(run.run_dir) / "config.yaml").write_text(dump(run))
         if args.dry_run:
             return 0
-        summary = Trainer(run).train()
+        try:
+            trainer = Trainer(run)
+        except BAD_INPUT as err:
+            print(f"attnres-train: error: {err}", file=sys.stderr)
+            return 2
+        summary = trainer.train()
         if dist.get_rank() == 0 and run.plots and "stopped" not in summary:
             _plot(run.run_dir)
         return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALL_AND_RUN = "bash scripts/install.sh && .venv/bin/attnres-train-reference"
+INSTALL_AND_RUN = "bash scripts/install.sh && .venv/bin/attnres-train --config configs/tiny.yaml"
 TEST_COMMAND = "bash scripts/test.sh"
 
 
