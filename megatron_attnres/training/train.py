@@ -184,6 +184,9 @@ class Trainer:
             model_vocab_size=self.vocab,
         )
         self.save_dir = Path(run.save or Path(run.run_dir) / "checkpoints")
+        if self.rank0:  # the resolved config beside the checkpoints as well as in the run dir
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "config.yaml").write_text(dump(run))
         self.progress = ckpt.Progress()
         if run.load:
             loaded = ckpt.load_checkpoint(run.load, self.chunks, self.optimizer, self.scheduler)

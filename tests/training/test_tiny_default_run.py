@@ -32,7 +32,9 @@ def test_tiny_config_learns_and_leaves_its_outputs(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 201))
     assert any(r["kind"] == "diagnostics" for r in records)
     assert (run_dir / "checkpoints" / "iter_0000200").is_dir()
-    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").read_text() == (
+        run_dir / "checkpoints" / "config.yaml"
+    ).read_text()
     assert list((run_dir / "wandb").glob("offline-run-*"))
     for name in ("loss", "depth_attention", "layer_norms"):
         assert (run_dir / "plots" / f"{name}.png").stat().st_size > 10_000
