@@ -11,6 +11,8 @@ the optimizer and OptimizerParamScheduler, GPT datasets and dist checkpointing.
 """
 
 import argparse
+import json
+import os
 import signal
 import sys
 import time
@@ -32,6 +34,7 @@ from megatron_attnres.training.data import build_gpt_datasets, micro_batches
 from megatron_attnres.training.diagnostics import ModelDiagnostics, gather_diagnostics
 from megatron_attnres.training.distributed import init_distributed
 from megatron_attnres.training.engine import forward_backward, train_step, wrap_ddp
+from megatron_attnres.training.layout import dry_run_layout, format_layout
 from megatron_attnres.training.metrics import MetricsLog, ProgressLine, flops_per_token
 from megatron_attnres.training.model_setup import (
     layer_pattern,
@@ -41,6 +44,7 @@ from megatron_attnres.training.model_setup import (
 )
 from megatron_attnres.training.run_config import (
     RunConfig,
+    as_dict,
     dump,
     load_run_config,
     parse_overrides,
@@ -56,8 +60,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     )
     parser.add_argument("--config", help="YAML run config (default: all defaults)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config and the layout, then exit"
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the rank/stage layout, then exit (starts nothing)",
     )
+    parser.add_argument("--world-size", type=int, help="--dry-run: ranks to lay out")
+    parser.add_argument("--gpus-per-node", type=int, help="--dry-run: ranks per host (default 8)")
+    parser.add_argument("--json", action="store_true", help="--dry-run: print JSON")
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the DeepSpeed launcher; LOCAL_RANK wins
@@ -333,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_INPUT as err:
         print(f"attnres-train: error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return _dry_run(args, run)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     init_distributed()
     if cpu_compat_needed():
@@ -341,8 +352,6 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:
             print(dump(run), end="", flush=True)
             (Path(run.run_dir) / "config.yaml").write_text(dump(run))
-        if args.dry_run:
-            return 0
         try:
             trainer = Trainer(run)
         except BAD_INPUT as err:
@@ -356,6 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _dry_run(args, run: RunConfig) -> int:
+    """The layout for --world-size ranks (default: the launcher's WORLD_SIZE, else 1)."""
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = args.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
+    try:
+        layout = dry_run_layout(run, world, per_node)
+    except BAD_INPUT as err:
+        print(f"attnres-train: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"config": as_dict(run), "layout": layout}))
+    else:
+        print(dump(run) + "\n" + format_layout(layout))
+    return 0 if all(layout["checks"].values()) else 1
 
 
 def _plot(run_dir: str) -> None:
