@@ -3,7 +3,8 @@
 #
 #   bash scripts/install.sh            # project + runtime dependencies, exact versions from the lock
 #   bash scripts/install.sh --dev      # ... plus pytest and ruff
-#   bash scripts/install.sh --no-lock  # keep whatever torch the environment already has (NGC images)
+#   bash scripts/install.sh --no-lock  # keep the interpreter's own torch (NGC images): the venv sees
+#                                      # system site-packages and torch is pinned to that version
 #
 # Environment: ATTNRES_PYTHON=/path/to/python3.12 picks the interpreter; ATTNRES_VENV=DIR moves the
 # virtual environment (default: .venv in the repository root).
@@ -65,7 +66,11 @@ fi
 if [ ! -x "$venv/bin/python" ] || ! is_py312 "$venv/bin/python"; then
   echo "install.sh: creating $venv with $py"
   rm -rf "$venv"
-  "$py" -m venv "$venv"
+  if [ "$use_lock" = 1 ]; then
+    "$py" -m venv "$venv"
+  else  # see the interpreter's own packages (an NGC container's torch, TransformerEngine)
+    "$py" -m venv --system-site-packages "$venv"
+  fi
 fi
 
 # torch's Linux wheel brings ~3 GB of CUDA wheels (~6 GB installed). pip's cache would keep a second
@@ -86,7 +91,15 @@ if [ -n "$free_kb" ] && [ "$free_kb" -lt $((9 * 1024 * 1024)) ] \
 fi
 "${pip[@]}" install -q --upgrade "pip>=24"
 constraint=()
-if [ "$use_lock" = 1 ]; then constraint=(-c "$root/requirements/lock.txt"); fi
+if [ "$use_lock" = 1 ]; then
+  constraint=(-c "$root/requirements/lock.txt")
+elif torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+  # Keep the torch that is already there (NGC builds are pre-release versions such as
+  # 2.9.0a0+abc that a plain ">=" requirement would not accept): pin it exactly.
+  echo "torch==$torch_version" > "$pip_tmp/keep-torch.txt"
+  constraint=(-c "$pip_tmp/keep-torch.txt")
+  echo "install.sh: keeping the installed torch $torch_version"
+fi
 echo "install.sh: installing megatron-attnres$extras (lock: $([ "$use_lock" = 1 ] && echo yes || echo no))"
 "${pip[@]}" install "${constraint[@]}" -e "$root$extras"
 echo "install.sh: done; the environment is $venv"
