@@ -81,7 +81,24 @@ def _forward_step(batches, model):
     return output, lambda out: _loss_func(loss_mask.float(), out)
 
 
-def _pipeline_communication(model_chunks: list, forward_only: bool) -> dict:
+def check_interleaved_microbatches(num_microbatches: int, summary_cache: bool) -> None:
+    """Interleaved AttnRes needs at least 2 x PP micro-batches per step on each rank.
+
+    With exactly PP, megatron-core 0.19.2's interleaved schedule runs rank 0 entirely in warm-up;
+    its calls are then unbalanced in a way that the variable-shape exchange of AttnRes payloads
+    deadlocks on (measured over gloo, PP=2 x V=2 with 2 micro-batches; 4 train exactly like one
+    rank). Stock fixed-shape payloads are not affected.
+    """
+    stages = ps.get_pipeline_model_parallel_world_size()
+    if summary_cache and num_microbatches < 2 * stages:
+        raise ValueError(
+            f"{num_microbatches} micro-batches per step with interleaved AttnRes stages and "
+            f"pipeline size {stages}: use at least {2 * stages} (a larger global_batch_size or a "
+            "smaller micro_batch_size)"
+        )
+
+
+def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbatches: int) -> dict:
     """Schedule arguments for pipelines: our shape-safe communicator (SummaryP2PCommunicator)
     and a fresh step for each rank's summary cache (interleaved stages)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -89,6 +106,7 @@ def _pipeline_communication(model_chunks: list, forward_only: bool) -> dict:
     stacks = [m for chunk in model_chunks for m in chunk.modules()
               if isinstance(m, AttnResHybridStack)]  # fmt: skip
     caches = {id(s.summary_cache): s.summary_cache for s in stacks if s.summary_cache}
+    check_interleaved_microbatches(num_microbatches, bool(caches))
     for cache in caches.values():  # one per rank, shared by its chunks
         cache.begin_step(forward_only)
     config = get_model_config(model_chunks[0])
@@ -102,7 +120,7 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     tokens = microbatches[0]["tokens"]
     iterators = [iter(microbatches) for _ in model_chunks]
     losses = get_forward_backward_func()(
-        **_pipeline_communication(model_chunks, forward_only),
+        **_pipeline_communication(model_chunks, forward_only, len(microbatches)),
         forward_step_func=_forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks,

@@ -33,7 +33,12 @@ from megatron_attnres.training import checkpointing as ckpt
 from megatron_attnres.training.data import build_gpt_datasets, micro_batches
 from megatron_attnres.training.diagnostics import ModelDiagnostics, gather_diagnostics
 from megatron_attnres.training.distributed import init_distributed
-from megatron_attnres.training.engine import forward_backward, train_step, wrap_ddp
+from megatron_attnres.training.engine import (
+    check_interleaved_microbatches,
+    forward_backward,
+    train_step,
+    wrap_ddp,
+)
 from megatron_attnres.training.layout import dry_run_layout, format_layout
 from megatron_attnres.training.metrics import MetricsLog, ProgressLine, flops_per_token
 from megatron_attnres.training.model_setup import (
@@ -179,6 +184,10 @@ class Trainer:
             rotary_base=run.rotary_base,
             share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
         )
+        interleaved_attnres = (
+            len(chunks) > 1 and self.config.depth_block_schedule().uses_depth_reads
+        )
+        check_interleaved_microbatches(self.num_micro, interleaved_attnres)
         self.chunks = wrap_ddp(chunks, use_distributed_optimizer=run.use_distributed_optimizer)
         self.optimizer, self.scheduler = optimizer_and_scheduler(run, self.chunks)
         self.train_data, self.valid_data = build_gpt_datasets(

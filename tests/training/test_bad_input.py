@@ -33,8 +33,28 @@ pytestmark = [pytest.mark.slow]
             1,
             "unknown config key '--hidden-sise'; did you mean hidden_size",
         ),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--virtual-pipeline-model-parallel-size",
+                "2",
+                "--attn-res-block-layers",
+                "1",
+            ],
+            2,
+            "2 micro-batches per step with interleaved AttnRes stages and pipeline size 2: use at "
+            "least 4",
+        ),
     ],
-    ids=["missing-data", "missing-tokenizer", "vocab-mismatch", "batch-split", "unknown-key"],
+    ids=[
+        "missing-data",
+        "missing-tokenizer",
+        "vocab-mismatch",
+        "batch-split",
+        "unknown-key",
+        "interleaved-microbatches",
+    ],
 )
 def test_refused_before_training(tmp_path, overrides, ranks, message):
     from megatron_attnres.training.preprocess import prepare_builtin_data
