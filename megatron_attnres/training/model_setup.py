@@ -59,6 +59,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         moe_router_topk_scaling_factor=run.moe_router_topk_scaling_factor,
         moe_aux_loss_coeff=run.moe_aux_loss_coeff,
         moe_token_dispatcher_type=run.moe_token_dispatcher_type,
+        moe_router_dtype=run.moe_router_dtype,
         moe_grouped_gemm=False,
         gated_linear_unit=True,
         activation_func=F.silu,

@@ -55,6 +55,7 @@ class RunConfig:
     moe_router_topk_scaling_factor: float | None = None
     moe_aux_loss_coeff: float = 0.0
     moe_token_dispatcher_type: str = "allgather"
+    moe_router_dtype: str | None = None  # fp32 | fp64: router logits and weights (null: params)
     # -- AttnRes (names of Megatron-LM PR #6840)
     enable_attention_residuals: bool = True
     attn_res_mode: str = "block"  # block | full

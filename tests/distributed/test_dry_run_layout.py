@@ -76,3 +76,19 @@ def test_dry_run_refuses_a_world_the_plan_does_not_divide(capsys):
     assert "world size 6 is not divisible by tensor x pipeline parallel = 4 x 1" in (
         capsys.readouterr().err
     )
+
+
+def test_48b_plan_on_64_gpus_without_a_process_group(capsys):
+    from megatron_attnres.training.train import main
+
+    config = TINY.parent / "kimi_linear_48b_attnres.yaml"
+    assert main(["--config", str(config), "--dry-run", "--json", "--world-size", "64"]) == 0
+    assert not dist.is_initialized()
+    layout = json.loads(capsys.readouterr().out)["layout"]
+    assert layout["tp"] * layout["pp"] * layout["dp"] == 64 == len(layout["ranks"])
+    assert layout["etp"] * layout["ep"] * layout["edp"] * layout["pp"] == 64
+    assert all(layout["checks"].values()), layout["checks"]
+    covered = [i for c in layout["chunks"] for i in range(c["sublayers"][0], c["sublayers"][1] + 1)]
+    assert covered == list(range(1, 55))  # 27 layers = 54 sublayers, each once
+    assert all((c["sublayers"][0] - 1) % 6 == 0 for c in layout["chunks"])  # 3-layer depth blocks
+    assert {r["host"] for r in layout["ranks"]} == set(range(8))  # 8 GPUs per node
