@@ -1,0 +1,1 @@
+"""Megatron <-> Hugging Face conversion and the exported HF modeling code."""
