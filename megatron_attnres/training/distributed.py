@@ -4,22 +4,15 @@
 - Slurm, one task per GPU (`srun --ntasks-per-node=G python -m megatron_attnres.train ...`): the
   ranks come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR must be exported by
   the job script (the first host of the node list) and MASTER_PORT defaults to 29500.
-- A bare process: a 1-rank group on a free local port.
+- A bare process: a 1-rank group on an in-process store (no network port).
 
 NCCL on GPU hosts (each rank on cuda:LOCAL_RANK), gloo on CPU.
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_environment() -> dict[str, str]:
@@ -50,13 +43,14 @@ def init_distributed() -> None:
         return
     ranks = launch_environment()
     os.environ.update(ranks)
-    if ranks["WORLD_SIZE"] == "1" and "MASTER_PORT" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("MASTER_PORT", "29500")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(ranks["LOCAL_RANK"]))
         backend = "nccl"
     else:
         backend = "gloo"
+    if ranks["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ:
+        # One rank needs no rendezvous: an in-process store, no port to race for.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(backend, rank=int(ranks["RANK"]), world_size=int(ranks["WORLD_SIZE"]))
