@@ -251,9 +251,9 @@ class Trainer:
         )
         self._print(f"saved checkpoint {path}")
 
-    def train(self) -> dict:
+    def train(self, stop: "StopRequest | None" = None) -> dict:
         run, log = self.run, MetricsLog(self.run, enabled=self.rank0)
-        stop = StopRequest(run.exit_signal_handler)
+        stop = stop or StopRequest(run.exit_signal_handler)
         line = ProgressLine(run, self.flops, dist.get_world_size())
         data = micro_batches(
             self.train_data,
@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         return _dry_run(args, run)
+    # Installed before the (slow) start-up, so a preemption signal that arrives while the model
+    # and data are being built still ends in a checkpoint after the first step.
+    stop = StopRequest(run.exit_signal_handler)
     Path(run.run_dir).mkdir(parents=True, exist_ok=True)
     init_distributed()
     if cpu_compat_needed():
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         except BAD_INPUT as err:
             print(f"attnres-train: error: {err}", file=sys.stderr)
             return 2
-        summary = trainer.train()
+        summary = trainer.train(stop)
         if dist.get_rank() == 0 and run.plots and "stopped" not in summary:
             _plot(run.run_dir)
         return 0

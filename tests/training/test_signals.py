@@ -1,0 +1,41 @@
+"""SIGTERM (what torchrun and Slurm forward on preemption) makes attnres-train save a checkpoint
+at the end of the current step and exit cleanly, even when it arrives during start-up (while the
+model and data are being built); the checkpoint then resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.training.trainer_runs import QUICK, ROOT, TINY, train
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_sigterm_during_startup_saves_after_the_first_step(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY), *QUICK,
+               "--run-dir", str(run_dir)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    lines = []
+    for line in process.stdout:  # the resolved config is printed before start-up
+        lines.append(line)
+        if line.startswith("exit_duration_in_mins:"):
+            process.send_signal(signal.SIGTERM)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=300) == 0
+    out = "".join(lines)
+    assert "stopping at step 1: signal received" in out, out[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text() == "1\n"
+
+    resumed = train(
+        run_dir, "--load", str(checkpoints), "--train-iters", "3", "--lr-wsd-decay-iters", "1"
+    )
+    assert "resumed from" in resumed.stdout and "at step 1 (8 samples consumed)" in resumed.stdout
+    assert (checkpoints / "iter_0000003").is_dir()
