@@ -48,8 +48,9 @@ def init_distributed() -> None:
         backend = "nccl"
     else:
         backend = "gloo"
-    if ranks["WORLD_SIZE"] == "1" and "MASTER_ADDR" not in os.environ:
-        # One rank needs no rendezvous: an in-process store, no port to race for.
+    if ranks["WORLD_SIZE"] == "1":
+        # One rank needs no rendezvous: an in-process store, no port to race for (an inherited
+        # MASTER_ADDR/MASTER_PORT may name a port another process holds).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return
     os.environ.setdefault("MASTER_PORT", "29500")

@@ -2,21 +2,20 @@
 at the end of the current step and exit cleanly, even when it arrives during start-up (while the
 model and data are being built); the checkpoint then resumes."""
 
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.training.trainer_runs import QUICK, ROOT, TINY, train
+from tests.training.trainer_runs import QUICK, ROOT, TINY, clean_env, train
 
 pytestmark = [pytest.mark.slow]
 
 
 def test_sigterm_during_startup_saves_after_the_first_step(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     command = [sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY), *QUICK,
                "--run-dir", str(run_dir)]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.training.trainer_runs import ROOT, TINY
+from tests.training.trainer_runs import ROOT, TINY, clean_env
 
 pytestmark = [pytest.mark.slow]
 
@@ -18,10 +18,12 @@ def test_tiny_config_learns_and_leaves_its_outputs(tmp_path):
     import sys
 
     run_dir = tmp_path / "tiny"
+    env = clean_env()
+    env.pop("OMP_NUM_THREADS")  # as the README command runs: torch's own thread count
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY),
                            "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+                          env=env, timeout=900)  # fmt: skip
     minutes = (time.monotonic() - start) / 60
     assert done.returncode == 0, done.stderr[-3000:]
     assert minutes < 10

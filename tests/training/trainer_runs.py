@@ -15,6 +15,15 @@ QUICK = ["--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size",
          "--wandb-mode", "disabled", "--plots", "false"]  # fmt: skip
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the rank variables a test process may carry (an
+    in-process Megatron fixture sets MASTER_ADDR/MASTER_PORT), as a fresh shell would have."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
 def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True,
           timeout: int = 600) -> subprocess.CompletedProcess:  # fmt: skip
     """`python -m megatron_attnres.train` (under torchrun for several ranks) on the tiny config."""
@@ -24,9 +33,7 @@ def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True,
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={ranks}", "-m", "megatron_attnres.train", *args]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    env = clean_env()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
     if check and done.returncode != 0:
