@@ -9,6 +9,7 @@ layers is S = 2k sublayers.
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_attnres.attnres.schedule import DepthBlockSchedule, ResidualMode
@@ -22,6 +23,19 @@ UNFUSED_KERNELS = dict(
     persist_layer_norm=False,
     gradient_accumulation_fusion=False,
     masked_softmax_fusion=False,
+)
+
+
+# The model family of DESIGN section 3b, as Megatron-Core fields: SwiGLU MLPs and experts,
+# RMSNorm, no biases, no dropout, HybridModel layers. Shared by the trainer and the reference map.
+ARCHITECTURE = dict(
+    gated_linear_unit=True,
+    activation_func=F.silu,
+    normalization="RMSNorm",
+    add_bias_linear=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    is_hybrid_model=True,
 )
 
 

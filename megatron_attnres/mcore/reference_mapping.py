@@ -9,10 +9,9 @@ Sublayer j of the reference is HybridModel layer j (layer_number j + 1). Layout 
 """
 
 import torch
-import torch.nn.functional as F
 
 from megatron_attnres.attnres.reference import ReferenceConfig
-from megatron_attnres.mcore.config import UNFUSED_KERNELS, AttnResTransformerConfig
+from megatron_attnres.mcore.config import ARCHITECTURE, UNFUSED_KERNELS, AttnResTransformerConfig
 from megatron_attnres.mcore.model import hybrid_pattern
 
 
@@ -84,16 +83,10 @@ def megatron_config(cfg: ReferenceConfig, **overrides) -> AttnResTransformerConf
         moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_token_dispatcher_type="allgather",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=cfg.init_std,
         use_cpu_initialization=True,
-        is_hybrid_model=True,
+        **ARCHITECTURE,
         **UNFUSED_KERNELS,
         enable_attention_residuals=mode != "none",
         attn_res_mode="full" if mode == "full" else "block",

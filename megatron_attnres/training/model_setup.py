@@ -4,10 +4,10 @@ model chunks, the optimizer and the learning-rate schedule."""
 import math
 
 import torch
-import torch.nn.functional as F
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_attnres.mcore.config import (
+    ARCHITECTURE,
     UNFUSED_KERNELS,
     AttnResMLATransformerConfig,
     AttnResTransformerConfig,
@@ -61,16 +61,9 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         moe_token_dispatcher_type=run.moe_token_dispatcher_type,
         moe_router_dtype=run.moe_router_dtype,
         moe_grouped_gemm=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
         layernorm_epsilon=run.norm_epsilon,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=run.init_method_std,
         use_cpu_initialization=not on_gpu,
-        is_hybrid_model=True,
         bf16=run.bf16,
         params_dtype=torch.bfloat16 if run.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if run.bf16 else torch.float32,
@@ -83,6 +76,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         else run.tensor_model_parallel_size,
         sequence_parallel=run.sequence_parallel,
         batch_p2p_comm=False,  # interleaved + batched p2p gives wrong results on gloo
+        **ARCHITECTURE,
         **UNFUSED_KERNELS,
         enable_attention_residuals=run.enable_attention_residuals,
         attn_res_mode=run.attn_res_mode,
