@@ -7,9 +7,11 @@ them by weight; every index it builds is cached under `cache_dir` and depends on
 the seed, the split and the sequence length, so a rebuilt or resumed run sees the same order.
 
 Bad input fails here, before any training, with a message that names the file or value: a missing
-.bin/.idx, an empty or corrupt .idx, a split that leaves a prefix without tokens (megatron.core
-would loop forever), weights that are not positive numbers, an odd number of blend tokens, and a
-tokenizer larger than the model's vocabulary (`check_vocab`).
+.bin/.idx, a directory for a prefix, an empty, corrupt or non-integer .idx, a split that leaves a
+prefix without tokens (megatron.core would loop forever), weights that are not positive numbers,
+an odd number of blend tokens, and a tokenizer larger than the model's vocabulary (`check_vocab`).
+`check_data` runs all of them, plus too few tokens for one sample and token ids outside the
+tokenizer's vocabulary, before the trainer builds its model.
 """
 
 import math
@@ -21,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType, IndexedDataset
 from megatron.core.datasets.utils import Split
 
 _FIX = "write it with attnres-preprocess-data"
@@ -48,6 +53,12 @@ def inspect_indexed_dataset(path_prefix: str | Path) -> IndexInfo:
     prefix = str(path_prefix)
     if prefix.endswith((".bin", ".idx")):
         raise ValueError(f"data prefix {prefix} ends in a suffix; name it without .bin/.idx")
+    if Path(prefix).is_dir():
+        found = sorted(str(p.with_suffix("")) for p in Path(prefix).glob("*.idx"))[:3]
+        raise ValueError(
+            f"data prefix {prefix} is a directory; a prefix names a PREFIX.bin + PREFIX.idx pair "
+            f"without the suffix, e.g. {', '.join(found) or prefix + '/NAME'}"
+        )
     idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
     for path in (idx_path, bin_path):
         if not path.is_file():
@@ -71,6 +82,11 @@ def inspect_indexed_dataset(path_prefix: str | Path) -> IndexInfo:
             f"and a code in 1..8): corrupt; {_FIX} again"
         )
     dtype = DType.dtype_from_code(code)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(
+            f"index {idx_path} says its tokens are {np.dtype(dtype).name}; token ids are integers "
+            f"(attnres-preprocess-data writes uint16 or int32): {_FIX} again"
+        )
     expected = _IDX_FIXED.size + n_seq * (4 + 8) + n_doc_bounds * 8
     size = idx_path.stat().st_size
     if size not in (expected, expected + n_seq):  # + n_seq: multimodal mode bytes
@@ -159,20 +175,73 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
         )
 
 
-def _check_split_has_tokens(info: IndexInfo, split: str, split_matrix: list) -> None:
+def _check_split_has_tokens(info: IndexInfo, split: str, split_matrix: list,
+                            seq_length: int | None = None) -> None:  # fmt: skip
     # megatron.core's GPTDataset loops forever on a split without tokens: refuse it here, cutting
-    # the documents with the same bookends and rounding as BlendedMegatronDatasetBuilder.
+    # the documents with the same bookends and rounding as BlendedMegatronDatasetBuilder. With
+    # fewer tokens than one sample it would fill every sample with the same text, repeated.
     n = len(info.sequence_lengths)
     for which, bookends in zip(Split, split_matrix, strict=True):
         if bookends is None:
             continue
         beg, end = (int(round(b * float(n))) for b in bookends)
-        if int(info.sequence_lengths[beg:end].sum(dtype=np.int64)) == 0:
+        tokens = int(info.sequence_lengths[beg:end].sum(dtype=np.int64))
+        if tokens == 0:
             raise ValueError(
                 f"split {split!r} gives the {which.name} split of data prefix {info.path_prefix} "
                 f"{end - beg} of its {info.documents} documents and no tokens; add documents "
                 f"or change the split (e.g. '100,0,0' for no validation)"
             )
+        if seq_length is not None and tokens < seq_length + 1:
+            raise ValueError(
+                f"the {which.name} split of data prefix {info.path_prefix} has {tokens} tokens, "
+                f"fewer than one sample of seq_length + 1 = {seq_length + 1}; add data, give "
+                f"that split more of it (split {split!r}) or use a smaller seq_length"
+            )
+
+
+def _check_token_ids(info: IndexInfo, vocab_size: int, documents: int = 64,
+                     tokens_per_document: int = 1 << 16) -> None:  # fmt: skip
+    """Token ids of up to `documents` evenly spaced documents (a cheap sample) fit the tokenizer:
+    larger ids mean the data was made with another tokenizer (and would index past the
+    embedding when the model's vocabulary is the tokenizer's)."""
+    try:
+        dataset = IndexedDataset(info.path_prefix, mmap=True)
+    except (AssertionError, ValueError, OSError) as err:
+        raise ValueError(
+            f"data prefix {info.path_prefix} cannot be read by megatron.core ({err}); {_FIX} again"
+        ) from err
+    n = len(info.sequence_lengths)
+    for i in np.unique(np.linspace(0, n - 1, num=min(documents, n)).astype(np.int64)).tolist():
+        length = min(int(info.sequence_lengths[i]), tokens_per_document)
+        ids = dataset.get(i, 0, length) if length else np.zeros(0, dtype=np.int64)
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"data prefix {info.path_prefix}: document {i} holds token id {int(bad[0])}, "
+                f"outside the tokenizer's ids 0..{vocab_size - 1}: the data was preprocessed with "
+                "another tokenizer; set tokenizer_model to that tokenizer, or preprocess the data "
+                "again with this one (attnres-preprocess-data --tokenizer-model)"
+            )
+
+
+def check_data(blend: str | Sequence[str], tokenizer, *, model_vocab_size: int, seq_length: int,
+               split: str) -> list[IndexInfo]:  # fmt: skip
+    """Every check of the data inputs, before anything is built (cheap: headers, sizes and a
+    sample of token ids): the blend and split strings, the tokenizer against the model's vocab,
+    and for each prefix its files, its dtype, every split having at least one sample's tokens
+    and token ids inside the tokenizer's vocabulary. Raises ValueError / FileNotFoundError."""
+    prefixes, _ = parse_blend(blend)
+    fractions = parse_split(split)
+    check_vocab(tokenizer.vocab_size, model_vocab_size)
+    split_matrix = convert_split_vector_to_split_matrix(fractions)
+    infos = []
+    for prefix in prefixes:
+        info = inspect_indexed_dataset(prefix)
+        _check_split_has_tokens(info, split, split_matrix, seq_length)
+        _check_token_ids(info, tokenizer.vocab_size)
+        infos.append(info)
+    return infos
 
 
 def build_gpt_datasets(

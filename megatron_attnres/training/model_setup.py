@@ -51,7 +51,10 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         kv_channels=run.kv_channels,
         num_moe_experts=run.num_experts or None,
         moe_router_topk=run.moe_router_topk,
-        moe_ffn_hidden_size=run.moe_ffn_hidden_size or run.ffn_hidden_size,
+        # megatron.core refuses an expert size without experts (a dense model)
+        moe_ffn_hidden_size=(run.moe_ffn_hidden_size or run.ffn_hidden_size)
+        if run.num_experts
+        else None,
         moe_shared_expert_intermediate_size=run.moe_shared_expert_intermediate_size,
         moe_router_score_function=run.moe_router_score_function,
         moe_router_enable_expert_bias=run.moe_router_enable_expert_bias,

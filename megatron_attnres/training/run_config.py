@@ -112,6 +112,12 @@ class RunConfig:
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save at the end of the step and exit
     exit_interval: int | None = None  # save and exit once the step count is a multiple of this
     exit_duration_in_mins: float | None = None  # save and exit after this much wall-clock time
+    # -- fault tolerance (checked by checkpointing.check_checkpoint_options and
+    #    nonfinite.check_nan_policy; see README "Fault tolerance")
+    keep_last_checkpoints: int | None = 3  # older iter_* removed after each save; null keeps all
+    finetune: bool = False  # load model weights only from `load`, start at step 0 (Megatron-LM)
+    nan_policy: str = "skip"  # NaN/Inf loss or gradient: skip (drop the update) | stop
+    max_skipped_steps: int = 10  # skip: the next non-finite step after this many stops the run
 
     def __post_init__(self):
         if isinstance(self.data_path, str):
@@ -153,7 +159,10 @@ def _convert(key: str, value):
             raise ValueError
         return base(float(value)) if base is int and isinstance(value, str) else base(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: {value!r} is not a {base.__name__}") from None
+        raise ValueError(
+            f"config key {key!r}: {value!r} is not a {base.__name__}; give a {base.__name__} "
+            f"(e.g. {key}: {getattr(RunConfig(), key)!r})"
+        ) from None
 
 
 def parse_overrides(argv: list[str]) -> dict:
@@ -193,45 +202,12 @@ def load_run_config(path: str | Path | None, overrides: dict | None = None) -> R
 
 
 def check_run_config(run: RunConfig) -> None:
-    """Checks that need no process group (the batch split is checked once DP is known)."""
-    for name in (
-        "num_layers",
-        "hidden_size",
-        "micro_batch_size",
-        "global_batch_size",
-        "train_iters",
-        "seq_length",
-        "eval_interval",
-        "log_interval",
-    ):
-        if getattr(run, name) < 1:
-            raise ValueError(f"{name}={getattr(run, name)} must be >= 1")
-    if run.global_batch_size % run.micro_batch_size:
-        raise ValueError(
-            f"global_batch_size={run.global_batch_size} is not a multiple of micro_batch_size="
-            f"{run.micro_batch_size}; make it micro_batch_size x data-parallel size x k"
-        )
-    decay = run.lr_decay_iters or run.train_iters
-    if run.lr_warmup_iters >= decay:
-        raise ValueError(
-            f"lr_warmup_iters={run.lr_warmup_iters} must be below lr_decay_iters (default "
-            f"train_iters) = {decay}; shorten the warmup or lengthen the run"
-        )
-    if run.lr_decay_style == "WSD" and (run.lr_wsd_decay_iters or 0) > decay:
-        raise ValueError(
-            f"lr_wsd_decay_iters={run.lr_wsd_decay_iters} is longer than the decay phase "
-            f"({decay} iterations); use at most {decay}"
-        )
-    if run.optimizer not in ("adam", "sgd", "muon"):
-        raise ValueError(f"optimizer={run.optimizer!r}; use adam, sgd or muon")
-    if run.optimizer == "muon" and run.use_distributed_optimizer:
-        raise ValueError(
-            "optimizer=muon with use_distributed_optimizer=true lets data-parallel replicas "
-            "drift apart in megatron-core 0.19.2 (measured, no error); set "
-            "use_distributed_optimizer: false for Muon"
-        )
-    if run.wandb_mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"wandb_mode={run.wandb_mode!r}; use offline, online or disabled")
+    """Refuse a bad config before anything is started (config_checks.py lists the rules); the
+    batch split over data-parallel ranks is checked once the world size is known."""
+    # Imported here: config_checks builds the model config and so imports this module.
+    from megatron_attnres.training.config_checks import check_config
+
+    check_config(run)
 
 
 def as_dict(run: RunConfig) -> dict:

@@ -43,7 +43,13 @@ class SentencePieceGPTTokenizer(GPTTokenizer):
                 f"tokenizer model {path} does not exist; train one with "
                 f"`attnres-train-tokenizer FILES --model-prefix {path.with_suffix('')}`"
             )
-        super().__init__(str(path), {"library": "sentencepiece"})
+        try:
+            super().__init__(str(path), {"library": "sentencepiece"})
+        except (RuntimeError, OSError) as err:  # sentencepiece: "could not parse ModelProto"
+            raise ValueError(
+                f"tokenizer model {path} is not a readable sentencepiece model ({err}); give the "
+                "tokenizer.model written by attnres-train-tokenizer"
+            ) from err
         if self.eod < 0:
             raise ValueError(
                 f"tokenizer model {path} has no eos piece, which marks the end of a document; "

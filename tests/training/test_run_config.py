@@ -10,12 +10,9 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_tiny_config_loads_and_overrides_take_either_spelling():
-    run = load_run_config(
-        TINY,
-        parse_overrides(
-            ["--train-iters", "70", "--lr=1e-4", "--bf16", "false", "--data_path", "0.3 a 0.7 b"]
-        ),
-    )
+    argv = ["--train-iters", "70", "--lr=1e-4", "--min-lr", "1e-5", "--bf16", "false",
+            "--data_path", "0.3 a 0.7 b"]  # fmt: skip
+    run = load_run_config(TINY, parse_overrides(argv))
     assert run.train_iters == 70 and run.lr == 1e-4 and run.bf16 is False
     assert run.data_path == ["0.3", "a", "0.7", "b"]
     assert run.attn_res_block_layers == 2 and run.num_experts == 4  # from the YAML
@@ -47,7 +44,7 @@ def test_bad_overrides_are_refused(argv, message):
         ),
         ({"lr_warmup_iters": 300}, r"lr_warmup_iters=300 must be below"),
         ({"optimizer": "muon", "use_distributed_optimizer": True}, r"drift apart"),
-        ({"optimizer": "lamb"}, r"optimizer='lamb'; use adam, sgd or muon"),
+        ({"optimizer": "lamb"}, r"optimizer='lamb' is not supported; use adam, sgd or muon"),
         ({"micro_batch_size": 0}, r"micro_batch_size=0 must be >= 1"),
     ],
 )

@@ -1,0 +1,315 @@
+"""Every check of a run config that needs neither a process group nor the data: run by
+`load_run_config`, so `attnres-train` refuses a bad config before it starts anything.
+
+Each rule is a constraint of this code or of megatron-core 0.19.2 (the comment or the message
+says which), and each message names the value, the constraint and what to set instead. The rules
+run in order: types, ranges, choices, then the relations between fields; last, the
+AttnResTransformerConfig and the pipeline pattern are built (cheap, no modules), so megatron.core's
+own checks and the depth-block cut rules run here too rather than after start-up.
+The batch split over data-parallel ranks needs the world size and is checked by the trainer.
+"""
+
+import math
+import types
+import typing
+from dataclasses import fields
+
+from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
+from megatron_attnres.training.data import parse_blend, parse_split
+from megatron_attnres.training.model_setup import layer_pattern, transformer_config
+from megatron_attnres.training.run_config import RunConfig
+
+# (field, minimum): sizes, counts and rates; None (where the field allows it) means "default" and
+# is not checked.
+AT_LEAST = [(name, 1) for name in (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "seq_length", "vocab_size", "make_vocab_size_divisible_by", "rotary_base",
+    "kv_lora_rank", "qk_head_dim", "v_head_dim", "q_lora_rank", "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size", "attn_res_block_layers",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "micro_batch_size",
+    "global_batch_size", "train_iters", "lr_decay_iters", "lr_wsd_decay_iters",
+    "tokenizer_vocab_size", "save_interval", "eval_interval", "log_interval",
+    "diagnostics_interval", "exit_interval",
+)] + [(name, 0) for name in (
+    "qk_pos_emb_head_dim", "num_experts", "moe_first_k_dense", "seed", "lr_warmup_iters",
+    "num_workers", "eval_iters", "lr", "min_lr", "weight_decay", "sgd_momentum", "clip_grad",
+    "moe_aux_loss_coeff", "moe_router_bias_update_rate",
+)]  # fmt: skip
+ABOVE_ZERO = ("norm_epsilon", "init_method_std", "adam_eps", "moe_router_topk_scaling_factor",
+              "exit_duration_in_mins", "peak_tflops")  # fmt: skip
+CHOICES = {
+    "position_embedding_type": ("rope", "none", "learned_absolute"),  # HybridModel's embeddings
+    "attn_res_mode": ("block", "full"),
+    "moe_router_score_function": ("softmax", "sigmoid", "sqrtsoftplus"),  # megatron.core router
+    "moe_token_dispatcher_type": ("allgather", "alltoall", "flex"),  # megatron.core MoELayer
+    "moe_router_dtype": (None, "fp32", "fp64"),
+    "optimizer": ("adam", "sgd", "muon"),
+    "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+    "lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
+    "wandb_mode": ("offline", "online", "disabled"),
+}
+_HINTS = typing.get_type_hints(RunConfig)
+_DEFAULTS = RunConfig()
+
+
+def check_config(run: RunConfig) -> None:
+    """Raise ValueError naming the value, the constraint and the fix for the first bad field."""
+    _check_types(run)
+    _check_ranges(run)
+    _check_choices(run)
+    _check_attention(run)
+    _check_moe(run)
+    _check_parallelism(run)
+    _check_schedule(run)
+    _check_data_settings(run)
+    _check_model(run)
+
+
+def _type_ok(value, kind) -> bool:
+    args = typing.get_args(kind)
+    if isinstance(kind, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(run) -> None:
+    for f in fields(run):
+        value, kind = getattr(run, f.name), _HINTS[f.name]
+        if not _type_ok(value, kind):
+            shown = getattr(kind, "__name__", str(kind))
+            raise ValueError(
+                f"{f.name}={value!r} is a {type(value).__name__}, not a {shown}; give a "
+                f"{shown} (e.g. {f.name}: {getattr(_DEFAULTS, f.name)!r})"
+            )
+
+
+def _check_ranges(run) -> None:
+    for name, minimum in AT_LEAST:
+        value = getattr(run, name)
+        if value is not None and not value >= minimum:  # `not >=` also catches NaN
+            default = ", or null for the default" if _optional(name) else ""
+            raise ValueError(f"{name}={value} must be >= {minimum}; use {minimum} or more{default}")
+    for name in ABOVE_ZERO:
+        value = getattr(run, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"{name}={value} must be > 0; use a positive value")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(run, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}={value} must be in [0, 1); use e.g. 0.9 or 0.95")
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(_HINTS[name])
+
+
+def _check_choices(run) -> None:
+    for name, allowed in CHOICES.items():
+        value = getattr(run, name)
+        if value not in allowed:
+            names = ["null" if a is None else str(a) for a in allowed]
+            raise ValueError(
+                f"{name}={value!r} is not supported; use {', '.join(names[:-1])} or {names[-1]}"
+            )
+
+
+def _check_attention(run) -> None:
+    heads, groups, tp = (
+        run.num_attention_heads,
+        run.num_query_groups,
+        run.tensor_model_parallel_size,
+    )
+    if not run.multi_latent_attention:
+        if run.kv_channels is None and run.hidden_size % heads:
+            raise ValueError(
+                f"hidden_size={run.hidden_size} is not divisible by num_attention_heads={heads} "
+                f"(the head size is hidden_size / heads unless kv_channels is set, as in "
+                f"Megatron-LM); change one of them or set kv_channels"
+            )
+        if groups is not None and heads % groups:
+            raise ValueError(
+                f"num_query_groups={groups} does not divide num_attention_heads={heads} "
+                f"(grouped-query attention shares each key/value head among heads / groups query "
+                f"heads); use a divisor of {heads}"
+            )
+    if heads % tp:
+        raise ValueError(
+            f"num_attention_heads={heads} is not divisible by tensor_model_parallel_size={tp} "
+            f"(each tensor-parallel rank holds whole heads); use a TP size that divides {heads}"
+        )
+    groups = groups or heads
+    if groups % tp and tp % groups:
+        raise ValueError(
+            f"num_query_groups={groups} and tensor_model_parallel_size={tp}: one must divide the "
+            "other (megatron.core splits or replicates key/value heads across TP ranks); change "
+            "num_query_groups or the TP size"
+        )
+    pattern = layer_pattern(run)
+    if run.qk_layernorm and "*" in pattern:
+        raise ValueError(
+            f"qk_layernorm=true with standard attention ('*') layers in {pattern!r}: QK norms "
+            "are wired for MLA latents only (the setting would be ignored); set "
+            "multi_latent_attention: true or qk_layernorm: false"
+        )
+    vocab = run.vocab_size
+    if vocab is not None and vocab % tp:
+        raise ValueError(
+            f"vocab_size={vocab} is not divisible by tensor_model_parallel_size={tp} (the "
+            f"embedding is split by rows); use {math.ceil(vocab / tp) * tp} or null to pad the "
+            "tokenizer's vocabulary automatically"
+        )
+    _check_tp_divides("ffn_hidden_size", run.ffn_hidden_size, tp, "-" in pattern)
+
+
+def _check_tp_divides(name: str, size: int, ranks: int, used: bool, what: str = "TP") -> None:
+    if used and size % ranks:
+        raise ValueError(
+            f"{name}={size} is not divisible by the {what} size {ranks} (megatron.core splits "
+            f"MLP columns evenly across those ranks); use a multiple of {ranks}"
+        )
+
+
+def _check_moe(run) -> None:
+    experts, topk, ep = run.num_experts or 0, run.moe_router_topk, run.expert_model_parallel_size
+    pattern = layer_pattern(run)
+    if not experts:
+        if ep > 1:
+            raise ValueError(
+                f"expert_model_parallel_size={ep} without experts (num_experts is unset); set "
+                "num_experts or use expert_model_parallel_size: 1"
+            )
+        if "E" in pattern:
+            raise ValueError(
+                f"hybrid_layer_pattern={pattern!r} has MoE layers ('E') but num_experts is unset; "
+                "set num_experts or use '-' (dense MLP) symbols"
+            )
+        return
+    if experts % ep:
+        raise ValueError(
+            f"num_experts={experts} is not divisible by expert_model_parallel_size={ep} (each "
+            f"expert-parallel rank holds the same number of experts); use an EP size dividing "
+            f"{experts}"
+        )
+    if not 1 <= topk <= experts:
+        raise ValueError(
+            f"moe_router_topk={topk} must be between 1 and num_experts={experts}; route each "
+            f"token to 1..{experts} experts"
+        )
+    score = run.moe_router_score_function
+    if topk == 1 and score == "softmax":
+        raise ValueError(
+            "moe_router_topk=1 with moe_router_score_function='softmax' has a zero router "
+            "gradient (megatron.core refuses it without pre-softmax, which this trainer does not "
+            "expose); use moe_router_score_function: sigmoid or moe_router_topk >= 2"
+        )
+    if run.moe_router_enable_expert_bias and score not in ("sigmoid", "sqrtsoftplus"):
+        raise ValueError(
+            f"moe_router_enable_expert_bias=true with moe_router_score_function={score!r}: "
+            "megatron.core's aux-loss-free expert bias needs sigmoid or sqrtsoftplus scores; set "
+            "moe_router_score_function: sigmoid or moe_router_enable_expert_bias: false"
+        )
+    if not run.hybrid_layer_pattern and run.moe_first_k_dense >= run.num_layers:
+        raise ValueError(
+            f"moe_first_k_dense={run.moe_first_k_dense} with num_layers={run.num_layers} leaves "
+            f"no MoE layer, so num_experts={experts} is never used; use moe_first_k_dense < "
+            f"{run.num_layers}, or num_experts: null for a dense model"
+        )
+    tp = run.tensor_model_parallel_size
+    etp = 1 if ep > 1 else tp  # model_setup.transformer_config's expert tensor-parallel size
+    moe_ffn = run.moe_ffn_hidden_size or run.ffn_hidden_size
+    _check_tp_divides("moe_ffn_hidden_size", moe_ffn, etp, "E" in pattern, "expert-TP")
+    shared = run.moe_shared_expert_intermediate_size
+    _check_tp_divides("moe_shared_expert_intermediate_size", shared or 0, tp, bool(shared))
+
+
+def _check_parallelism(run) -> None:
+    tp, pp, vpp = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
+                   run.virtual_pipeline_model_parallel_size)  # fmt: skip
+    if run.sequence_parallel and tp == 1:
+        raise ValueError(
+            "sequence_parallel=true with tensor_model_parallel_size=1: sequence parallelism "
+            "splits activations across TP ranks (megatron.core refuses it without TP); set "
+            "sequence_parallel: false or a TP size > 1"
+        )
+    if run.num_experts and tp > 1 and not run.sequence_parallel:
+        raise ValueError(
+            f"num_experts={run.num_experts} with tensor_model_parallel_size={tp} and "
+            "sequence_parallel=false: megatron.core's MoE layer refuses to train with TP but "
+            "without sequence parallelism; set sequence_parallel: true"
+        )
+    if run.sequence_parallel and run.seq_length % tp:
+        raise ValueError(
+            f"seq_length={run.seq_length} is not divisible by tensor_model_parallel_size={tp}, "
+            "which sequence parallelism splits it across; use a multiple of "
+            f"{tp} (e.g. {math.ceil(run.seq_length / tp) * tp})"
+        )
+    if vpp is not None and pp == 1:
+        raise ValueError(
+            f"virtual_pipeline_model_parallel_size={vpp} with pipeline_model_parallel_size=1: "
+            "virtual stages interleave a pipeline; set pipeline_model_parallel_size > 1 or "
+            "virtual_pipeline_model_parallel_size: null"
+        )
+
+
+def _check_schedule(run) -> None:
+    if run.global_batch_size % run.micro_batch_size:
+        raise ValueError(
+            f"global_batch_size={run.global_batch_size} is not a multiple of micro_batch_size="
+            f"{run.micro_batch_size}; make it micro_batch_size x data-parallel size x k"
+        )
+    if run.min_lr > run.lr:
+        raise ValueError(
+            f"min_lr={run.min_lr} is above lr={run.lr} (the schedule decays from lr down to "
+            f"min_lr); use min_lr <= {run.lr}"
+        )
+    decay = run.lr_decay_iters or run.train_iters
+    if run.lr_warmup_iters >= decay:
+        raise ValueError(
+            f"lr_warmup_iters={run.lr_warmup_iters} must be below lr_decay_iters (default "
+            f"train_iters) = {decay}; shorten the warmup or lengthen the run"
+        )
+    if run.lr_decay_style == "WSD" and (run.lr_wsd_decay_iters or 0) > decay:
+        raise ValueError(
+            f"lr_wsd_decay_iters={run.lr_wsd_decay_iters} is longer than the decay phase "
+            f"({decay} iterations); use at most {decay}"
+        )
+    if run.optimizer == "muon" and run.use_distributed_optimizer:
+        raise ValueError(
+            "optimizer=muon with use_distributed_optimizer=true lets data-parallel replicas "
+            "drift apart in megatron-core 0.19.2 (measured, no error); set "
+            "use_distributed_optimizer: false for Muon"
+        )
+
+
+def _check_data_settings(run) -> None:
+    """The data settings' syntax (the files themselves are checked by data.check_data)."""
+    fractions = parse_split(run.split)
+    if fractions[0] == 0:
+        raise ValueError(
+            f"split={run.split!r} gives the train split no documents; give it a positive "
+            "weight, e.g. '98,2,0' (train, valid, test)"
+        )
+    if run.data_path != ["builtin"]:
+        parse_blend(run.data_path)
+
+
+def _check_model(run) -> None:
+    """Build the AttnResTransformerConfig and the cut pattern: megatron.core's config checks,
+    validate_attnres and the depth-block cut rules (no modules are built)."""
+    try:
+        config = transformer_config(run)
+        check_pattern(config, pipeline_pattern(config, layer_pattern(run)))
+    except AssertionError as err:  # megatron.core's divisibility asserts carry no fix
+        raise ValueError(
+            f"megatron.core refused the model config: {err or type(err).__name__}; change the "
+            "sizes it names (see configs/tiny.yaml for a consistent set)"
+        ) from err
