@@ -1,17 +1,25 @@
 """Checkpoints through megatron.core.dist_checkpointing (the torch_dist format).
 
     SAVE/iter_0000010/            one distributed checkpoint (model, optimizer, scheduler, RNG of
-                                  every rank, iteration and consumed samples)
+                                  every rank, iteration, consumed samples, skipped steps, and the
+                                  model-defining config fields)
     SAVE/latest_checkpointed_iteration.txt   Megatron-LM's tracker file
 
-A checkpoint is written into `iter_N.tmp` and renamed only once every rank has finished, and the
-tracker is rewritten (atomically) after that, so a crash during a save leaves the previous
-checkpoint as the latest. Because the format is Megatron's sharded one, a checkpoint loads into
-another TP/PP/EP layout of the same model (the RNG states are then reseeded, as they are
-per-rank).
+A checkpoint is written into `iter_N.tmp`, verified (checkpoint_files.verify: every file the
+metadata names is there and long enough), renamed, and only then named by the tracker (replaced
+atomically); older checkpoints beyond `keep_last_checkpoints` are removed last. A crash at any
+point leaves a loadable latest checkpoint, and loading skips a torn or corrupt one for the
+previous good one (checkpoint_files.choose). Because the format is Megatron's sharded one, a
+checkpoint loads into another TP/PP/EP layout of the same model (the RNG states are then
+reseeded, as they are per-rank).
+
+A model-only checkpoint (common state {"model_only": True}, as `attnres-convert-from-hf` writes)
+and `finetune: true` load the model weights alone and start at step 0 with a fresh optimizer
+and schedule.
 """
 
-import os
+import dataclasses
+import queue
 import random
 import shutil
 from dataclasses import dataclass
@@ -22,39 +30,64 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_attnres.training import checkpoint_files as files
+from megatron_attnres.training import faults
+from megatron_attnres.training.checkpoint_files import TRACKER, checkpoint_dir  # noqa: F401
+
+# TransformerConfig fields that decide the checkpoint's tensors and what they compute.
+SIGNATURE_FIELDS = (
+    "hidden_size", "num_layers", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "normalization", "gated_linear_unit", "num_moe_experts", "moe_router_topk",
+    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_score_function",
+    "moe_router_enable_expert_bias", "enable_attention_residuals", "attn_res_mode",
+    "attn_res_block_layers", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
+    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "qk_layernorm",
+)  # fmt: skip
 
 
 @dataclass
 class Progress:
-    iteration: int = 0  # optimizer steps done
+    iteration: int = 0  # optimizer steps done (skipped steps included, as in Megatron-LM)
     consumed_samples: int = 0  # global samples consumed by those steps
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
 
 
-def checkpoint_dir(save: str | Path, iteration: int) -> Path:
-    return Path(save) / f"iter_{iteration:07d}"
+def model_signature(config, pattern: str, vocab_size: int, tied_embeddings: bool) -> dict:
+    """The model-defining fields recorded in every checkpoint and compared on load: the
+    TransformerConfig's SIGNATURE_FIELDS, the hybrid pattern without pipeline cuts, the padded
+    vocabulary and whether the output layer shares the embedding."""
+    signature = {}
+    for name in SIGNATURE_FIELDS:
+        value = getattr(config, name, None)
+        signature[name] = value if isinstance(value, int | float | str | None) else str(value)
+    return signature | {
+        "hybrid_layer_pattern": pattern.replace("|", ""),
+        "vocab_size": vocab_size,
+        "tied_embeddings": tied_embeddings,
+    }
 
 
-def latest_iteration(load: str | Path) -> int | None:
-    """The iteration in LOAD's tracker file, or None when LOAD has no checkpoint yet."""
-    tracker = Path(load) / TRACKER
-    if not tracker.is_file():
+def _check_signature(saved: dict | None, expected: dict | None, path: Path) -> str | None:
+    """Raise when the checkpoint was written for another model; a note for old checkpoints."""
+    if expected is None:
         return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
+    if saved is None:
+        return (
+            f"WARNING: checkpoint {path} records no model config (written before checkpoints "
+            "carried one); loading it without checking that it fits this model"
+        )
+    wrong = [f"{k}: checkpoint {saved[k]!r}, this run {v!r}" for k, v in expected.items()
+             if k in saved and saved[k] != v]  # fmt: skip
+    if wrong:
         raise ValueError(
-            f"checkpoint tracker {tracker} says {text!r}, not an iteration number; fix or "
-            "delete it (each iter_* directory is a complete checkpoint)"
+            f"checkpoint {path} was saved from a different model ({'; '.join(wrong)}); run "
+            "with the config it was trained with (config.yaml beside it), or point load/save at "
+            "another directory to start a new run"
         )
-    if not checkpoint_dir(load, int(text)).is_dir():
-        raise FileNotFoundError(
-            f"checkpoint tracker {tracker} names iteration {text} but "
-            f"{checkpoint_dir(load, int(text))} does not exist; point the tracker at an existing "
-            "iter_* directory"
-        )
-    return int(text)
+    return None
 
 
 def _unwrap(chunk):
@@ -63,7 +96,7 @@ def _unwrap(chunk):
     return chunk
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -73,7 +106,7 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -82,61 +115,209 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _model_state(chunks) -> dict:
+    # Sharded tensors are keyed globally, so this nesting does not have to match the writer's.
+    return {("model" if len(chunks) == 1 else f"model{i}"): _unwrap(chunk).sharded_state_dict()
+            for i, chunk in enumerate(chunks)}  # fmt: skip
+
+
+def _weights_template(chunks) -> dict:
+    """The model's tensors without the modules' `_extra_state` objects: a weights-only start
+    needs none of it (empty for local specs; TransformerEngine's FP8 scaling history restarts),
+    and attnres-convert-from-hf, which writes global tensors without building the model, has
+    none to give."""
+    return {
+        name: {k: v for k, v in state.items()
+               if not (isinstance(v, ShardedObject) and v.key.endswith("._extra_state"))}
+        for name, state in _model_state(chunks).items()
+    }  # fmt: skip
+
+
 def _sharded_state(chunks, optimizer, scheduler, progress: Progress, loading: bool) -> dict:
-    state = {}
-    for i, chunk in enumerate(chunks):
-        state["model" if len(chunks) == 1 else f"model{i}"] = _unwrap(chunk).sharded_state_dict()
+    state = _model_state(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
     state["scheduler"] = scheduler.state_dict()
-    state["progress"] = {
-        "iteration": progress.iteration,
-        "consumed_samples": progress.consumed_samples,
-    }
+    state["progress"] = dataclasses.asdict(progress)
     rank, world = dist.get_rank(), dist.get_world_size()
     state["world_size"] = world  # the RNG states below are per rank
-    state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    state["rng"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
     return state
 
 
-def save_checkpoint(save: str | Path, chunks, optimizer, scheduler, progress: Progress) -> Path:
-    final = checkpoint_dir(save, progress.iteration)
-    staging = final.with_name(final.name + ".tmp")
+def use_in_process_writer() -> None:
+    """Make dist_checkpointing.save collect its writer threads' results in this process. Call
+    it before any synchronous save (save_checkpoint does; so should a converter).
+
+    megatron-core 0.19.2 collects them through a spawn-context multiprocessing Manager queue,
+    created on the first save (~10 s: the child re-imports everything) and left running as an
+    orphan, holding the parent's stdout, when the trainer is killed. In a synchronous save the
+    writer threads run in this process, so a thread-safe queue does the same job
+    (test_checkpoint_integrity checks that no helper process is started)."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _agreed(value):
+    """Rank 0's value on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_checkpoint(
+    save: str | Path,
+    chunks,
+    optimizer,
+    scheduler,
+    progress: Progress,
+    *,
+    signature: dict | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    save = Path(save)
+    final, staging = (
+        checkpoint_dir(save, progress.iteration),
+        files.staging_dir(save, progress.iteration),
+    )
+    use_in_process_writer()
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state(chunks, optimizer, scheduler, progress, loading=False)
+    state["model_config"] = signature
     dist_checkpointing.save(state, str(staging))
     dist.barrier()
+    problem = _agreed(files.verify(staging) if dist.get_rank() == 0 else None)
+    if problem is not None:
+        raise RuntimeError(
+            f"checkpoint {staging} failed verification after saving: {problem}; it was not "
+            f"renamed and {TRACKER} still names the previous checkpoint (check free disk space "
+            "and the file system)"
+        )
     if dist.get_rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        tracker = Path(save) / TRACKER
-        tmp = tracker.with_suffix(".tmp")
-        tmp.write_text(f"{progress.iteration}\n")
-        os.replace(tmp, tracker)
+        faults.kill_point("tracker", progress.iteration)
+        files.write_tracker(save, progress.iteration)
+        files.prune(save, progress.iteration, keep_last)
     dist.barrier()
     return final
 
 
-def load_checkpoint(load: str | Path, chunks, optimizer, scheduler) -> Progress | None:
-    """Restore the latest checkpoint under LOAD into the model, optimizer and scheduler; returns
-    its progress, or None when LOAD holds no checkpoint (a fresh run)."""
-    iteration = latest_iteration(load)
-    if iteration is None:
-        return None
-    path = checkpoint_dir(load, iteration)
-    template = _sharded_state(chunks, optimizer, scheduler, Progress(), loading=True)
+@dataclass
+class Loaded:
+    progress: Progress
+    path: Path
+    weights_only: str | None  # why only the model weights were loaded, None for a full resume
+    notes: list[str]
+
+    def summary(self) -> str:
+        if self.weights_only:
+            return (
+                f"loaded model weights only from {self.path} ({self.weights_only}); starting at "
+                "step 0 with a fresh optimizer and learning-rate schedule"
+            )
+        return (
+            f"resumed from {self.path.parent} at step {self.progress.iteration} "
+            f"({self.progress.consumed_samples} samples consumed), checkpoint {self.path.name}"
+        )
+
+
+def find_checkpoint(load: str | Path) -> files.Choice:
+    """checkpoint_files.choose on rank 0, the same answer on every rank (collective)."""
+    if dist.get_rank() == 0:
+        try:
+            choice = files.choose(load)
+        except FileNotFoundError as err:
+            choice = err
+    else:
+        choice = None
+    choice = _agreed(choice)
+    if isinstance(choice, Exception):
+        raise choice
+    return choice
+
+
+def load_checkpoint(path: str | Path, chunks, optimizer, scheduler, *,
+                    signature: dict | None = None, finetune: bool = False) -> Loaded:  # fmt: skip
+    """Restore the checkpoint directory PATH (an iter_N) into the model, optimizer and
+    scheduler. Model-only checkpoints and `finetune` restore the model weights alone."""
+    path = Path(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
+    note = _check_signature(common.get("model_config"), signature, path)
+    notes = [note] if note else []
+    if finetune or common.get("model_only", False):
+        state = dist_checkpointing.load(_weights_template(chunks), str(path))
+        _load_model(chunks, state)
+        optimizer.reload_model_params()  # mixed precision: refresh the fp32 main params
+        why = "finetune=true" if finetune else "a model-only checkpoint"
+        return Loaded(Progress(), path, why, notes)
+    template = _sharded_state(chunks, optimizer, scheduler, Progress(), loading=True)
     same_layout = common.get("world_size") == dist.get_world_size()
     if not same_layout:
         del template["rng"]
     state = dist_checkpointing.load(template, str(path))
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"])
+    _load_model(chunks, state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if same_layout:
-        _set_rng_state(state["rng"])
-    return Progress(**state["progress"])
+        set_rng_state(state["rng"])
+    return Loaded(Progress(**state["progress"]), path, None, notes)
+
+
+def _load_model(chunks, state: dict) -> None:
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"])
+
+
+def resume(run, save: Path, chunks, optimizer, scheduler,
+           signature: dict) -> tuple[Loaded | None, list[str]]:  # fmt: skip
+    """What a run starts from, and the notes to print. A save directory that already holds a
+    checkpoint is this run's own progress (a restart under torchrun --max-restarts, a Slurm
+    requeue): resume from it, whatever `load` says. Otherwise `load` (with `finetune`), or
+    nothing (None): a fresh run."""
+    load = Path(run.load) if run.load else None
+    notes = []
+    if load is None or load.resolve() != save.resolve():
+        choice = find_checkpoint(save)
+        notes += choice.notes
+        if choice.path is not None:
+            because = "load is not set" if load is None else f"it takes precedence over {load}"
+            notes.append(f"auto-resume: {save} holds this run's checkpoints ({because})")
+            loaded = load_checkpoint(choice.path, chunks, optimizer, scheduler, signature=signature)
+            return loaded, notes + loaded.notes
+    if load is None:
+        return None, notes
+    choice = find_checkpoint(load)
+    notes += choice.notes
+    if choice.path is None:
+        if run.finetune:
+            raise FileNotFoundError(
+                f"finetune=true but load={load} holds no checkpoint; point load at the "
+                "checkpoint directory to fine-tune from"
+            )
+        return None, notes
+    loaded = load_checkpoint(choice.path, chunks, optimizer, scheduler, signature=signature,
+                             finetune=run.finetune)  # fmt: skip
+    return loaded, notes + loaded.notes
+
+
+def check_checkpoint_options(run) -> None:
+    if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
+        raise ValueError(
+            f"keep_last_checkpoints={run.keep_last_checkpoints} must be >= 1 (the checkpoint "
+            "just written is always kept); use null to keep every checkpoint"
+        )
+    if run.finetune and not run.load:
+        raise ValueError(
+            "finetune=true needs load: the checkpoint directory whose model weights to start "
+            "from (set load, or drop finetune)"
+        )
+    save = Path(run.save or Path(run.run_dir) / "checkpoints")
+    if run.finetune and Path(run.load).resolve() == save.resolve():
+        raise ValueError(
+            f"finetune=true with load = save = {save}: every restart would load the run's own "
+            "latest weights and reset it to step 0; save the fine-tuning run elsewhere"
+        )

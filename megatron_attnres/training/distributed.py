@@ -5,6 +5,7 @@
   ranks come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR must be exported by
   the job script (the first host of the node list) and MASTER_PORT defaults to 29500.
 - A bare process: a 1-rank group on an in-process store (no network port).
+- Restarted by torchrun (--max-restarts): the store keys of each attempt are kept apart.
 
 NCCL on GPU hosts (each rank on cuda:LOCAL_RANK), gloo on CPU.
 """
@@ -54,4 +55,15 @@ def init_distributed() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         return
     os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend, rank=int(ranks["RANK"]), world_size=int(ranks["WORLD_SIZE"]))
+    rank, world = int(ranks["RANK"]), int(ranks["WORLD_SIZE"])
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        return
+    # Under torchrun --max-restarts the agent's store outlives a restart (torch 2.14,
+    # --standalone or a fixed endpoint) and still holds the previous attempt's keys (gloo peer
+    # addresses, NCCL unique ids): restarted ranks would wait forever for dead peers. Each
+    # attempt gets its own key prefix (tests/training/test_fault_injection.py, 2 ranks).
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    store = dist.PrefixStore(f"attnres/attempt_{restart}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)

@@ -27,6 +27,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator
 from megatron_attnres.mcore.stack import AttnResHybridStack
+from megatron_attnres.training.nonfinite import expert_biases, step_is_finite
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepResult:
     loss: float  # mean next-token cross-entropy over the global batch (all micro-batches, DP)
     grad_norm: float
     skipped: bool
+    nonfinite: bool = False  # skipped because the loss or a gradient was NaN/Inf
 
 
 def wrap_ddp(model_chunks: list, **ddp_options) -> list[DistributedDataParallel]:
@@ -138,10 +140,19 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     return total.item() / ps.get_data_parallel_world_size()
 
 
-def train_step(model_chunks: list, optimizer, microbatches: list[dict]) -> StepResult:
+def train_step(model_chunks: list, optimizer, microbatches: list[dict],
+               skip_nonfinite: bool = False) -> StepResult:  # fmt: skip
+    """One optimizer step. With `skip_nonfinite`, a NaN/Inf loss or gradient on any rank skips
+    the update and leaves the model as it was (the router's expert bias included); the caller
+    decides what to do next (training/nonfinite.py)."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    biases = expert_biases(model_chunks) if skip_nonfinite else []
     loss = forward_backward(model_chunks, microbatches)
+    if skip_nonfinite and not step_is_finite(model_chunks, loss):
+        for bias, before in biases:
+            bias.copy_(before)
+        return StepResult(loss=loss, grad_norm=float("nan"), skipped=True, nonfinite=True)
     ok, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss, grad_norm=float(grad_norm or 0.0), skipped=not ok)

@@ -18,6 +18,8 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from megatron_attnres.training.run_config import RunConfig, as_dict
 
 
@@ -141,3 +143,16 @@ def _duration(seconds: float) -> str:
     minutes, sec = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def unigram_entropy(dataset, samples: int) -> float:
+    """Entropy (nats) of the label-token distribution of the first `samples` samples: the loss of
+    the best model that ignores context."""
+    counts = {}
+    for i in range(min(samples, len(dataset))):
+        ids, n = np.unique(np.asarray(dataset[i]["labels"]), return_counts=True)
+        for token, c in zip(ids.tolist(), n.tolist(), strict=True):
+            counts[token] = counts.get(token, 0) + c
+    p = np.array(list(counts.values()), dtype=np.float64)
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())

@@ -13,12 +13,10 @@ the optimizer and OptimizerParamScheduler, GPT datasets and dist checkpointing.
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -30,7 +28,8 @@ from megatron_attnres.mcore.compat import (
 )
 from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
 from megatron_attnres.training import checkpointing as ckpt
-from megatron_attnres.training.data import build_gpt_datasets, micro_batches
+from megatron_attnres.training import faults, nonfinite
+from megatron_attnres.training.data import build_gpt_datasets, check_data, micro_batches
 from megatron_attnres.training.diagnostics import ModelDiagnostics, gather_diagnostics
 from megatron_attnres.training.distributed import init_distributed
 from megatron_attnres.training.engine import (
@@ -40,7 +39,12 @@ from megatron_attnres.training.engine import (
     wrap_ddp,
 )
 from megatron_attnres.training.layout import dry_run_layout, format_layout
-from megatron_attnres.training.metrics import MetricsLog, ProgressLine, flops_per_token
+from megatron_attnres.training.metrics import (
+    MetricsLog,
+    ProgressLine,
+    flops_per_token,
+    unigram_entropy,
+)
 from megatron_attnres.training.model_setup import (
     layer_pattern,
     optimizer_and_scheduler,
@@ -54,6 +58,7 @@ from megatron_attnres.training.run_config import (
     load_run_config,
     parse_overrides,
 )
+from megatron_attnres.training.stopping import StopRequest, should_stop
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
@@ -76,26 +81,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the DeepSpeed launcher; LOCAL_RANK wins
     args, rest = parser.parse_known_args(argv)
-    return args, load_run_config(args.config, parse_overrides(rest))
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm's --signal, preemption) ask for a save at the end of the
-    current step; every rank agrees before acting (an all-reduce of the flag)."""
-
-    def __init__(self, enabled: bool):
-        self.flag = False
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.flag = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.flag else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    run = load_run_config(args.config, parse_overrides(rest))
+    ckpt.check_checkpoint_options(run)
+    nonfinite.check_nan_policy(run)
+    return args, run
 
 
 def _prepare_data(run: RunConfig) -> tuple[list[str], str]:
@@ -137,19 +126,6 @@ def _take(iterator, count: int) -> list[dict]:
     return batch
 
 
-def unigram_entropy(dataset, samples: int) -> float:
-    """Entropy (nats) of the label-token distribution of the first `samples` samples: the loss of
-    the best model that ignores context."""
-    counts = {}
-    for i in range(min(samples, len(dataset))):
-        ids, n = np.unique(np.asarray(dataset[i]["labels"]), return_counts=True)
-        for token, c in zip(ids.tolist(), n.tolist(), strict=True):
-            counts[token] = counts.get(token, 0) + c
-    p = np.array(list(counts.values()), dtype=np.float64)
-    p /= p.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 class Trainer:
     def __init__(self, run: RunConfig):
         self.run = run
@@ -171,6 +147,9 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.vocab = padded_vocab_size(run, self.tokenizer.vocab_size)
+        # Every rank checks the files (the same answer everywhere, so all of them exit with it).
+        check_data(blend, self.tokenizer, model_vocab_size=self.vocab, seq_length=run.seq_length,
+                   split=run.split)  # fmt: skip
         self.config = transformer_config(run)
         self.pattern = pipeline_pattern(self.config, layer_pattern(run))
         chunks = build_model_chunks(
@@ -205,15 +184,11 @@ class Trainer:
         if self.rank0:  # the resolved config beside the checkpoints as well as in the run dir
             self.save_dir.mkdir(parents=True, exist_ok=True)
             (self.save_dir / "config.yaml").write_text(dump(run))
-        self.progress = ckpt.Progress()
-        if run.load:
-            loaded = ckpt.load_checkpoint(run.load, self.chunks, self.optimizer, self.scheduler)
-            if loaded is not None:
-                self.progress = loaded
-                self._print(
-                    f"resumed from {run.load} at step {loaded.iteration} "
-                    f"({loaded.consumed_samples} samples consumed)"
-                )
+        tied = not run.untie_embeddings_and_output_weights
+        self.signature = ckpt.model_signature(self.config, self.pattern, self.vocab, tied)
+        self.on_disk = None  # the iteration whose checkpoint in save_dir this process matches
+        self.progress = self._resume()
+        faults.install(self.chunks)  # test-only hooks; inert unless ATTNRES_FAULT* is set
         schedule = self.config.depth_block_schedule()
         reads = [schedule.sources(i).num_sources for i in range(1, schedule.num_sublayers + 1)]
         reads = [*reads, schedule.num_final_sources()] if schedule.uses_depth_reads else []
@@ -223,6 +198,17 @@ class Trainer:
     def _print(self, text: str) -> None:
         if self.rank0:
             print(text, flush=True)
+
+    def _resume(self) -> ckpt.Progress:
+        loaded, notes = ckpt.resume(self.run, self.save_dir, self.chunks, self.optimizer,
+                                    self.scheduler, self.signature)  # fmt: skip
+        for note in notes + ([loaded.summary()] if loaded else []):
+            self._print(note)
+        if loaded is None:
+            return ckpt.Progress()
+        if not loaded.weights_only and loaded.path.parent.resolve() == self.save_dir.resolve():
+            self.on_disk = loaded.progress.iteration
+        return loaded.progress
 
     def evaluate(self) -> float | None:
         if self.valid_data is None or self.run.eval_iters < 1:
@@ -246,9 +232,13 @@ class Trainer:
         return sum(losses) / len(losses)
 
     def save(self) -> None:
+        if self.progress.iteration == self.on_disk:
+            return  # just resumed from it, or saved at this step before a stop
         path = ckpt.save_checkpoint(
-            self.save_dir, self.chunks, self.optimizer, self.scheduler, self.progress
-        )
+            self.save_dir, self.chunks, self.optimizer, self.scheduler, self.progress,
+            signature=self.signature, keep_last=self.run.keep_last_checkpoints,
+        )  # fmt: skip
+        self.on_disk = self.progress.iteration
         self._print(f"saved checkpoint {path}")
 
     def train(self, stop: "StopRequest | None" = None) -> dict:
@@ -266,16 +256,16 @@ class Trainer:
         started, valid_loss, reason = time.monotonic(), None, "done"
         try:
             while self.progress.iteration < run.train_iters:
+                faults.begin_step(self.progress.iteration + 1)
                 batch = _take(data, self.num_micro)
-                if (self.progress.iteration + 1) % run.diagnostics_interval == 0:
-                    with self.diagnostics.capture():
-                        result = train_step(self.chunks, self.optimizer, batch)
-                    gathered = gather_diagnostics(self.diagnostics.summary())
-                    if gathered is not None:
-                        log.write("diagnostics", self.progress.iteration + 1, **gathered)
-                else:
-                    result = train_step(self.chunks, self.optimizer, batch)
-                self.scheduler.step(increment=run.global_batch_size)
+                result = self._train_step(batch, self.progress.iteration + 1, log)
+                if result.nonfinite:
+                    reason = self._nonfinite(batch, self.progress.iteration + 1, log)
+                    if reason:
+                        break
+                    self.progress.skipped_steps += 1
+                else:  # as in Megatron-LM, a skipped step does not advance the schedule
+                    self.scheduler.step(increment=run.global_batch_size)
                 self.progress.iteration += 1
                 self.progress.consumed_samples += run.global_batch_size
                 step = self.progress.iteration
@@ -299,7 +289,7 @@ class Trainer:
                     log.write("valid", step, loss=valid_loss)
                     self._print(f"step {step}: validation loss {valid_loss:.4f}")
                     line.last = time.perf_counter()  # the next step's time excludes evaluation
-                reason = self._should_stop(step, stop, started)
+                reason = should_stop(run, step, stop, started)
                 if reason:
                     break
                 if run.save_interval and step % run.save_interval == 0:
@@ -307,25 +297,32 @@ class Trainer:
             self.save()
             if reason != "done":
                 self._print(f"stopping at step {self.progress.iteration}: {reason}")
-                return {"stopped": reason, "step": self.progress.iteration}
+                code = NONFINITE_EXIT if reason.startswith("non-finite") else 0
+                return {"stopped": reason, "step": self.progress.iteration, "exit_code": code}
             return self._finish(log)
         finally:
             log.close()
 
-    def _should_stop(self, step, stop: StopRequest, started: float) -> str | None:
-        run = self.run
-        if stop.agreed():
-            return "signal received"
-        if run.exit_interval and step % run.exit_interval == 0 and step < run.train_iters:
-            return f"exit_interval={run.exit_interval}"
-        if run.exit_duration_in_mins is not None:
-            over = torch.tensor(
-                [float(time.monotonic() - started > 60 * run.exit_duration_in_mins)]
-            )
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-            if over.item():
-                return f"exit_duration_in_mins={run.exit_duration_in_mins}"
-        return "done" if step >= run.train_iters else None
+    def _train_step(self, batch: list[dict], step: int, log: MetricsLog):
+        if step % self.run.diagnostics_interval:
+            return train_step(self.chunks, self.optimizer, batch, skip_nonfinite=True)
+        with self.diagnostics.capture():
+            result = train_step(self.chunks, self.optimizer, batch, skip_nonfinite=True)
+        gathered = gather_diagnostics(self.diagnostics.summary())
+        if gathered is not None:
+            log.write("diagnostics", step, **gathered)
+        return result
+
+    def _nonfinite(self, batch: list[dict], step: int, log: MetricsLog) -> str | None:
+        """STEP's update was skipped for a NaN/Inf: report where it came from; None to go on,
+        else why the run stops (nan_policy, max_skipped_steps)."""
+        location = nonfinite.locate(
+            self.chunks, lambda: forward_backward(self.chunks, batch, forward_only=True)
+        )
+        verdict = nonfinite.decide(self.run, self.progress.skipped_steps, step, location)
+        log.write("nonfinite", step, **verdict.record)
+        self._print(verdict.message)
+        return verdict.stop_reason
 
     def _finish(self, log: MetricsLog) -> dict:
         valid_loss = self.evaluate()
@@ -343,6 +340,7 @@ class Trainer:
 
 
 BAD_INPUT = (ValueError, FileNotFoundError)  # refused before training: message, no traceback
+NONFINITE_EXIT = 3  # stopped on a NaN/Inf (nan_policy), after saving the last good state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train(stop)
         if dist.get_rank() == 0 and run.plots and "stopped" not in summary:
             _plot(run.run_dir)
-        return 0
+        return summary.get("exit_code", 0)
     finally:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
