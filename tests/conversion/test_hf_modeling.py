@@ -22,17 +22,8 @@ from megatron_attnres.conversion.hf.modeling_attnres import (
     depth_read_phase1,
     depth_read_phase2,
 )
+from tests.conversion.helpers import randomise_hf
 from tests.reference_helpers import randomise
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny models: one thread beats two and does not oversubscribe a shared host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 FP32 = tolerance(torch.float32)
 # Two-phase and one-shot reads are the same arithmetic in a different summation order.
@@ -129,20 +120,6 @@ def hf_twin(ref: ReferenceModel, **overrides) -> AttnResForCausalLM:
     model = AttnResForCausalLM(hf_config_for(ref.cfg, **overrides)).eval()
     state = reference_to_hf(ref.state_dict(), ref.cfg.moe_router_enable_expert_bias)
     model.load_state_dict(state, strict=True)
-    return model
-
-
-def randomise_hf(model: AttnResForCausalLM) -> AttnResForCausalLM:
-    """Non-zero pseudo-queries, non-trivial norm gains and expert biases (in place)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "res_proj" in name:
-                param.normal_(0.0, 0.5)
-            elif "norm" in name:
-                param.uniform_(0.5, 1.5)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
     return model
 
 
