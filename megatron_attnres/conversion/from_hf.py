@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed
 from safetensors import safe_open
 
 from megatron_attnres.conversion.config_map import ConversionError, run_fields
@@ -175,8 +176,12 @@ def convert_from_hf(
             log(f"  read {i}/{len(rows)} tensors ({human(total)})")
     tokenizer = folder / "tokenizer.model"
     with staged_output(out, overwrite) as staging:
-        one_rank_process_group()
-        write_model_only(tensors, staging, common={"model_config": signature(run)})
+        started = one_rank_process_group()
+        try:
+            write_model_only(tensors, staging, common={"model_config": signature(run)})
+        finally:
+            if started:  # leave no global state behind when used as a library
+                torch.distributed.destroy_process_group()
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, staging / "tokenizer.model")
             run = dataclasses.replace(run, tokenizer_model=str(out / "tokenizer.model"))

@@ -133,13 +133,16 @@ def write_model_only(tensors: dict[str, torch.Tensor], out: Path, common: dict) 
     return target
 
 
-def one_rank_process_group() -> None:
-    """A one-rank gloo group on an in-process store (dist_checkpointing needs a group)."""
+def one_rank_process_group() -> bool:
+    """A one-rank gloo group on an in-process store (dist_checkpointing needs a group); True
+    when it was started here (the caller then ends it), False when one already existed."""
     import torch.distributed as dist
 
     from megatron_attnres.mcore.compat import activate_cpu_compat, cpu_compat_needed
 
     if cpu_compat_needed():
         activate_cpu_compat()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
