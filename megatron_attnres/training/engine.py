@@ -23,6 +23,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.schedules import _build_default_pg_collection
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_model_config
 
 from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator
@@ -121,6 +122,10 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
     tokens = microbatches[0]["tokens"]
     iterators = [iter(microbatches) for _ in model_chunks]
+    # megatron keeps the aux-loss scale in a class attribute and copies each step's scale into
+    # it; models whose optimizers scale losses differently ([] vs [1]) in one process (tests, a
+    # notebook) would clash, so each call starts from no scale.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     losses = get_forward_backward_func()(
         **_pipeline_communication(model_chunks, forward_only, len(microbatches)),
         forward_step_func=_forward_step,
