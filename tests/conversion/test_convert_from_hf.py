@@ -125,3 +125,22 @@ def test_kimi_linear_imports_and_attnres_off_exports_back(tmp_path, tokenizer_mo
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     with torch.no_grad():
         assert (loaded.eval()(tokens()).logits - expected).abs().max() < MAX_ABS_DIFF
+
+
+def test_negative_control_a_gate_up_swap_breaks_parity(tmp_path, tokenizer_model, megatron_one_rank,
+                                                       monkeypatch):  # fmt: skip
+    """The parity bound is tight enough to catch a converter that swaps SwiGLU's gate and up
+    halves of the dense and shared-expert MLPs."""
+    from megatron_attnres.conversion import key_table
+
+    def swapped(megatron, hf_gate, hf_up):
+        return key_table.Row(megatron, (hf_gate, hf_up), lambda t: t.chunk(2),
+                             lambda ts: torch.cat([ts[1], ts[0]]))  # fmt: skip
+
+    monkeypatch.setattr(key_table, "_swiglu", swapped)
+    hf = hf_folder(tmp_path / "hf", hf_config(), tokenizer_model)
+    out = convert_from_hf(tmp_path / "hf", tmp_path / "megatron", **QUIET)
+    model = load_megatron_model(out / "iter_0000000", out / "config.yaml", 512)
+    with torch.no_grad():
+        diff = (megatron_logits(model, tokens()) - hf(tokens()).logits).abs().max().item()
+    assert diff > 100 * MAX_ABS_DIFF, diff
