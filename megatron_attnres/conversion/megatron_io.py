@@ -107,8 +107,9 @@ class MegatronCheckpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def nbytes(self, key: str) -> int:
-        return self.shape(key).numel() * self.dtype(key).itemsize
+    def nbytes(self, key: str, as_dtype: torch.dtype | None = None) -> int:
+        """Bytes of tensor KEY, stored or cast to AS_DTYPE."""
+        return self.shape(key).numel() * (as_dtype or self.dtype(key)).itemsize
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         state = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}

@@ -139,8 +139,7 @@ def convert_to_hf(
     rows = key_table(cfg)
     check_against_config(rows, megatron, cfg, source)
     cast = None if dtype == "auto" else DTYPES[dtype]
-    item = (lambda k: megatron.dtype(k).itemsize) if cast is None else (lambda k: cast.itemsize)
-    nbytes = {r.megatron: megatron.shape(r.megatron).numel() * item(r.megatron) for r in rows}
+    nbytes = {r.megatron: megatron.nbytes(r.megatron, cast) for r in rows}
     shards = plan_shards(rows, nbytes, parse_size(max_shard_size))
     cfg.dtype = str(cast or megatron.dtype(rows[0].megatron)).removeprefix("torch.")
     log(f"converting {path} ({human(sum(nbytes.values()))}) -> {output}: {len(shards)} shard(s)")

@@ -53,7 +53,7 @@ def _fast_tokenizer(model_path: Path) -> Tokenizer:
     return tokenizer
 
 
-def export_tokenizer(model_path: Path, out: Path, max_length: int) -> TokenIds:
+def export_tokenizer(model_path: Path, out: Path, max_length: int) -> None:
     """Write tokenizer.json, tokenizer_config.json (and special tokens) and tokenizer.model."""
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     piece = {i: sp.id_to_piece(i) for i in (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())}
@@ -68,4 +68,3 @@ def export_tokenizer(model_path: Path, out: Path, max_length: int) -> TokenIds:
     )
     hf.save_pretrained(out)
     shutil.copyfile(model_path, out / "tokenizer.model")
-    return token_ids(model_path)
