@@ -13,7 +13,7 @@ from megatron_attnres.training.model_setup import layer_pattern
 from megatron_attnres.training.run_config import RunConfig
 
 # Hybrid-pattern mixer symbol <-> AttnResConfig.mixer_types entry.
-MIXERS = {"*": "full_attention", "+": "mla"}
+MIXERS = {"*": "full_attention", "+": "mla", "G": "kda"}
 MIXER_SYMBOLS = {name: symbol for symbol, name in MIXERS.items()}
 
 
@@ -109,9 +109,9 @@ def hf_config(run: RunConfig, vocab_size: int, tokens: TokenIds = TokenIds()) ->
         qk_nope_head_dim=run.qk_head_dim,
         qk_rope_head_dim=run.qk_pos_emb_head_dim,
         v_head_dim=run.v_head_dim,
-        mla_use_nope=run.qk_pos_emb_head_dim == 0,
+        mla_use_nope=run.mla_use_nope or run.qk_pos_emb_head_dim == 0,
         mixer_types=mixers,
-        linear_attn_config=_linear_attn_config(mixers),
+        linear_attn_config=_linear_attn_config(mixers, run),
         attn_res_mode=run.attn_res_mode if run.enable_attention_residuals else "none",
         attn_res_block_size=run.attn_res_block_layers,
         initializer_range=run.init_method_std,
@@ -123,14 +123,34 @@ def hf_config(run: RunConfig, vocab_size: int, tokens: TokenIds = TokenIds()) ->
     )
 
 
-def _linear_attn_config(mixers: list[str]) -> dict | None:
-    """Kimi Linear's 1-based layer lists, so transformers' kimi_linear reads an MLA export."""
+def _linear_attn_config(mixers: list[str], run: RunConfig) -> dict | None:
+    """Kimi Linear's 1-based layer lists (so transformers' kimi_linear reads an MLA/KDA export)
+    and, with KDA layers, its sizes."""
     if "full_attention" in mixers:
         return None
-    return {
+    lists = {
         "full_attn_layers": [i + 1 for i, m in enumerate(mixers) if m == "mla"],
         "kda_layers": [i + 1 for i, m in enumerate(mixers) if m == "kda"],
     }
+    if "kda" not in mixers:
+        return lists
+    return lists | {
+        "num_heads": run.linear_num_key_heads,
+        "head_dim": run.linear_key_head_dim,
+        "short_conv_kernel_size": run.linear_conv_kernel_dim,
+    }
+
+
+def _kda_fields(hf: AttnResConfig) -> dict:
+    """RunConfig's KDA sizes from Kimi Linear's linear_attn_config (defaults without KDA)."""
+    if "kda" not in hf.mixer_types:
+        return {}
+    lin = hf.linear_attn_config
+    return dict(
+        linear_num_key_heads=lin["num_heads"],
+        linear_key_head_dim=lin["head_dim"],
+        linear_conv_kernel_dim=lin["short_conv_kernel_size"],
+    )
 
 
 def run_fields(hf: AttnResConfig) -> dict:
@@ -139,13 +159,8 @@ def run_fields(hf: AttnResConfig) -> dict:
     unknown = sorted(set(mixers) - set(MIXER_SYMBOLS))
     if unknown:
         raise ConversionError(
-            f"mixer_types contains {unknown}; the Megatron model builds "
-            f"{sorted(MIXER_SYMBOLS)} mixers (KDA is not implemented yet)"
-        )
-    if "mla" in mixers and hf.mla_use_nope and hf.qk_rope_head_dim:
-        raise ConversionError(
-            f"mla_use_nope=true with qk_rope_head_dim={hf.qk_rope_head_dim}: Megatron's MLA "
-            "rotates its positional dimensions; import with qk_rope_head_dim 0 for NoPE"
+            f"mixer_types contains {unknown}; the Megatron model builds {sorted(MIXER_SYMBOLS)} "
+            "mixers"
         )
     if hf.num_experts and not hf.moe_renormalize:
         raise ConversionError(
@@ -156,8 +171,11 @@ def run_fields(hf: AttnResConfig) -> dict:
         MIXER_SYMBOLS[m] + ("E" if hf.is_moe_layer(i) else "-") for i, m in enumerate(mixers)
     )
     first_k_dense = min(hf.first_k_dense_replace, hf.num_hidden_layers)
-    uniform = hybrid_pattern(hf.num_hidden_layers, moe=bool(hf.num_experts),
-                             first_k_dense=first_k_dense, mixer=pattern[0])  # fmt: skip
+    # layer_pattern() rebuilds a uniform pattern of '*' or (multi_latent_attention) '+' only
+    only_mla = set(mixers) == {"mla"}
+    uniform = hybrid_pattern(
+        hf.num_hidden_layers, bool(hf.num_experts), first_k_dense, "+" if only_mla else "*"
+    )
     shared = hf.num_shared_experts * hf.moe_intermediate_size
     fields = dict(
         num_layers=hf.num_hidden_layers,
@@ -174,13 +192,15 @@ def run_fields(hf: AttnResConfig) -> dict:
         init_method_std=hf.initializer_range,
         untie_embeddings_and_output_weights=not hf.tie_word_embeddings,
         hybrid_layer_pattern=None if pattern == uniform else pattern,  # None: from num_layers
-        multi_latent_attention=set(mixers) == {"mla"},
+        multi_latent_attention=only_mla,
         q_lora_rank=hf.q_lora_rank,
         kv_lora_rank=hf.kv_lora_rank,
         qk_head_dim=hf.qk_nope_head_dim,
         qk_pos_emb_head_dim=hf.qk_rope_head_dim,
         v_head_dim=hf.v_head_dim,
         qk_layernorm="mla" in mixers,
+        mla_use_nope="mla" in mixers and hf.mla_use_nope and hf.qk_rope_head_dim > 0,
+        **_kda_fields(hf),
         num_experts=hf.num_experts or None,
         moe_first_k_dense=first_k_dense,
         moe_router_topk=hf.num_experts_per_token,

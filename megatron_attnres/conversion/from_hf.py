@@ -1,5 +1,5 @@
 """`attnres-convert-from-hf`: a Hugging Face folder (our export, or a Kimi Linear checkpoint
-without KDA layers) -> a Megatron dist checkpoint to continue training from.
+with MLA and KDA layers) -> a Megatron dist checkpoint to continue training from.
 
     attnres-convert-from-hf --hf hf/tiny --output ckpt/tiny --tp 2 --pp 1 --ep 2
     attnres-train --config ckpt/tiny/config.yaml --load ckpt/tiny --data-path ... \\
@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import sys
+from itertools import dropwhile
 from pathlib import Path
 
 import torch
@@ -53,15 +54,38 @@ def read_hf_config(folder: Path) -> AttnResConfig:
     if model_type not in MODEL_TYPES:
         raise ConversionError(
             f"{path}: model_type {model_type!r} is not a supported architecture; this converter "
-            f"reads {MODEL_TYPES} (our export, or Kimi Linear without KDA layers)"
+            f"reads {MODEL_TYPES} (our export, or Kimi Linear)"
         )
     fields = {k: v for k, v in values.items() if k not in NOT_CONFIG}
     if model_type == "kimi_linear":
-        fields["attn_res_mode"] = "none"
+        fields = kimi_linear_fields(fields, path)
     try:
         return AttnResConfig(**fields)
     except (TypeError, ValueError) as error:
         raise ConversionError(f"{path}: {error}") from None
+
+
+def kimi_linear_fields(fields: dict, path: Path) -> dict:
+    """transformers' KimiLinearConfig states dense-then-MoE as mlp_layer_types and may keep the
+    KDA sizes only at the top level (linear_num_heads, ...); AttnRes is off."""
+    fields = dict(fields, attn_res_mode="none")
+    mlp_types = fields.pop("mlp_layer_types", None)
+    if mlp_types is not None and "first_k_dense_replace" not in fields:
+        dense = len(mlp_types) - len(list(dropwhile(lambda t: t == "dense", mlp_types)))
+        if "dense" in mlp_types[dense:]:
+            raise ConversionError(
+                f"{path}: mlp_layer_types {mlp_types} has a dense layer after a sparse one; the "
+                "converter needs the dense layers first (first_k_dense_replace)"
+            )
+        fields["first_k_dense_replace"] = dense
+    lin = dict(fields.get("linear_attn_config") or {})
+    for key, top in (("num_heads", "linear_num_heads"), ("head_dim", "linear_head_dim"),
+                     ("short_conv_kernel_size", "linear_conv_kernel_dim")):  # fmt: skip
+        if key not in lin and top in fields:
+            lin[key] = fields[top]
+    if lin:
+        fields["linear_attn_config"] = lin
+    return fields
 
 
 class HFWeights:
@@ -196,8 +220,8 @@ def convert_from_hf(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="attnres-convert-from-hf",
-        description="Import a Hugging Face folder (an attnres export, or Kimi Linear without "
-        "KDA) as a Megatron dist checkpoint to continue training.",
+        description="Import a Hugging Face folder (an attnres export, or Kimi Linear) as a "
+        "Megatron dist checkpoint to continue training.",
     )
     parser.add_argument("--hf", required=True, help="Hugging Face model folder")
     parser.add_argument("--output", required=True, help="new directory for the checkpoint")

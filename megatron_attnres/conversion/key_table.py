@@ -67,9 +67,24 @@ def _pseudo_query(megatron: str, hf: str) -> Row:
     return Row(megatron, (hf,), lambda t: (t.view(1, -1),), lambda ts: ts[0].reshape(-1))
 
 
+KDA_SAME = tuple(f"{n}_proj.weight" for n in ("q", "k", "v", "f_a", "f_b", "b", "g_a", "g_b"))
+KDA_SAME += ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight", "dt_bias",
+             "o_norm.weight", "o_proj.weight")  # fmt: skip
+
+
+def _kda_rows(m: str, a: str) -> list[Row]:
+    """KDA keeps Kimi Linear's names on both sides; only A_log's layout differs: Megatron [H],
+    the released checkpoint (and transformers' kimi_linear) [1, 1, H, 1]."""
+    a_log = Row(m + "A_log", (a + "A_log",), lambda t: (t.view(1, 1, -1, 1),),
+                lambda ts: ts[0].reshape(-1))  # fmt: skip
+    return [_same(m + name, a + name) for name in KDA_SAME] + [a_log]
+
+
 def _mixer_rows(j: int, layer: str, cfg: AttnResConfig, mixer: str) -> list[Row]:
     m, a = f"decoder.layers.{j}.self_attention.", f"{layer}self_attn."
     rows = [_same(f"decoder.layers.{j}.input_layernorm.weight", f"{layer}input_layernorm.weight")]
+    if mixer == "kda":
+        return rows + _kda_rows(m, a)
     if mixer == "full_attention":
         rows.append(_qkv(m + "linear_qkv.weight", a, cfg))
     else:

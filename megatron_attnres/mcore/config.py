@@ -50,6 +50,12 @@ class AttnResTransformerConfig(TransformerConfig):
     attn_res_block_layers: int = 1
     """Transformer layers (mixer + MLP/MoE) per depth block in block mode."""
 
+    attn_res_recompute_read: bool = True
+    """Recompute each depth read's result in backward instead of keeping the copy the sublayer's
+    pre-norm saves (mcore/read_recompute.py): AttnRes then saves no more activations than the
+    standard residual beyond a few fp32 scalars per source and token, for one extra read forward
+    per sublayer in backward. False keeps the copy (one [s, b, h] tensor per sublayer)."""
+
     def __post_init__(self):
         super().__post_init__()
         validate_attnres(self)
@@ -74,8 +80,12 @@ class AttnResTransformerConfig(TransformerConfig):
 @dataclass
 class AttnResMLATransformerConfig(AttnResTransformerConfig, MLATransformerConfig):
     """For patterns with MLA ('+') mixers: adds Megatron's MLA fields (kv_lora_rank, q_lora_rank,
-    qk_head_dim, qk_pos_emb_head_dim, v_head_dim, rope_type...). qk_pos_emb_head_dim=0 is NoPE;
+    qk_head_dim, qk_pos_emb_head_dim, v_head_dim, rope_type...). qk_pos_emb_head_dim=0 drops the
+    positional channels; mla_use_nope=True keeps them unrotated (Kimi Linear's NoPE MLA);
     qk_layernorm=True gives the RMSNorm on the compressed KV (and Q) latents of DeepSeek/Kimi."""
+
+    mla_use_nope: bool = False
+    """Keep the qk_pos_emb_head_dim channels of q and k but never rotate them (Kimi Linear)."""
 
 
 def _refuse(combination: str, fix: str) -> None:
@@ -106,6 +116,12 @@ def validate_attnres(cfg: AttnResTransformerConfig) -> None:
             f"num_moe_experts={cfg.num_moe_experts} with expert_model_parallel_size="
             f"{cfg.expert_model_parallel_size}",
             "the expert-parallel size must divide the number of experts",
+        )
+    if getattr(cfg, "mla_use_nope", False) and (cfg.rope_type != "rope" or cfg.apply_rope_fusion):
+        _refuse(
+            f"mla_use_nope=True with rope_type={cfg.rope_type!r}, "
+            f"apply_rope_fusion={cfg.apply_rope_fusion}",
+            "use rope_type='rope' and apply_rope_fusion=False (nothing is rotated anyway)",
         )
     if not cfg.enable_attention_residuals:
         return

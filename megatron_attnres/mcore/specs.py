@@ -1,6 +1,7 @@
 """Layer and stack specs for HybridModel with AttnRes (DESIGN section 4).
 
-Every pattern symbol is one AttnRes sublayer. A layer returns its *raw* output y = f(pre_norm(x))
+Every pattern symbol is one AttnRes sublayer ('*' attention, '+' MLA, 'G' Kimi Delta Attention,
+'-' dense MLP, 'E' MoE). A layer returns its *raw* output y = f(pre_norm(x))
 because its bias-dropout-add is swapped for `raw_output_bda`, which adds no residual; the stack
 subclass (`AttnResHybridStack`) then forms every layer's input with a depth read.
 
@@ -29,6 +30,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megatron_attnres.mcore.kda import KimiDeltaAttention
 from megatron_attnres.mcore.mla import AttnResMLASelfAttention
 from megatron_attnres.mcore.stack import AttnResHybridStack
 
@@ -113,8 +115,21 @@ def _local_attention(bda, multi_latent: bool) -> ModuleSpec:
     )
 
 
+def kda_layer(bda) -> ModuleSpec:
+    """The 'G' sublayer: pre-norm + Kimi Delta Attention (its linears are Megatron's local
+    tensor-parallel ones, so the same spec serves the local and the TransformerEngine stacks)."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LocalRMSNorm,
+            self_attention=ModuleSpec(module=KimiDeltaAttention),
+            self_attn_bda=bda,
+        ),
+    )
+
+
 def local_stack_submodules(config, residual: bool) -> HybridStackSubmodules:
-    """Local layer specs for '*' attention, '+' MLA, '-' dense MLP and 'E' MoE under `config`.
+    """Local layer specs for '*' attention, '+' MLA, 'G' KDA, '-' dense MLP and 'E' MoE.
 
     residual=False gives AttnRes's raw-output layers; residual=True gives the same layers with
     Megatron's own bias-dropout-add (the stock model used as an oracle).
@@ -126,6 +141,7 @@ def local_stack_submodules(config, residual: bool) -> HybridStackSubmodules:
     layers = dict(
         attention_layer=_local_attention(bda, multi_latent=False),
         mla_layer=_local_attention(bda, multi_latent=True),
+        gdn_layer=kda_layer(bda),
         mlp_layer=ModuleSpec(
             module=MLPLayer,
             submodules=TransformerLayerSubmodules(
@@ -177,7 +193,7 @@ def attnres_te_stack_spec() -> ModuleSpec:
     from megatron.core.transformer.identity_op import IdentityFuncOp
 
     layers = {}
-    for field in ("attention_layer", "mla_layer", "mlp_layer", "moe_layer", "gdn_layer"):
+    for field in ("attention_layer", "mla_layer", "mlp_layer", "moe_layer"):
         layer = getattr(hybrid_stack_spec.submodules, field)
         # Swap the bias-dropout-add of the half each layer uses (the other half is an identity).
         swaps = {name: raw_output_bda for name in ("self_attn_bda", "mlp_bda")
@@ -186,6 +202,11 @@ def attnres_te_stack_spec() -> ModuleSpec:
         if field == "mla_layer":
             submodules = dataclasses.replace(submodules, self_attention=_te_mla(submodules))
         layers[field] = dataclasses.replace(layer, submodules=submodules)
+    # 'G' is Kimi Delta Attention (not megatron-core's GatedDeltaNet), with TE's norm in front.
+    kda = kda_layer(raw_output_bda)
+    layers["gdn_layer"] = dataclasses.replace(
+        kda, submodules=dataclasses.replace(kda.submodules, input_layernorm=TENorm)
+    )
     spec = dataclasses.replace(hybrid_stack_spec.submodules, mtp_block_spec=None, **layers)
     return ModuleSpec(
         module=AttnResHybridStack,

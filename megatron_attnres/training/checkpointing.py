@@ -44,7 +44,8 @@ SIGNATURE_FIELDS = (
     "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_score_function",
     "moe_router_enable_expert_bias", "enable_attention_residuals", "attn_res_mode",
     "attn_res_block_layers", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
-    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "qk_layernorm",
+    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "qk_layernorm", "mla_use_nope",
+    "linear_num_key_heads", "linear_key_head_dim", "linear_conv_kernel_dim",
 )  # fmt: skip
 
 

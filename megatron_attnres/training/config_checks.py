@@ -9,6 +9,7 @@ own checks and the depth-block cut rules run here too rather than after start-up
 The batch split over data-parallel ranks needs the world size and is checked by the trainer.
 """
 
+import importlib.util
 import math
 import types
 import typing
@@ -30,7 +31,8 @@ AT_LEAST = [(name, 1) for name in (
     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "micro_batch_size",
     "global_batch_size", "train_iters", "lr_decay_iters", "lr_wsd_decay_iters",
     "tokenizer_vocab_size", "save_interval", "eval_interval", "log_interval",
-    "diagnostics_interval", "exit_interval",
+    "diagnostics_interval", "exit_interval", "linear_num_key_heads", "linear_key_head_dim",
+    "linear_conv_kernel_dim",
 )] + [(name, 0) for name in (
     "qk_pos_emb_head_dim", "num_experts", "moe_first_k_dense", "seed", "lr_warmup_iters",
     "num_workers", "eval_iters", "lr", "min_lr", "weight_decay", "sgd_momentum", "clip_grad",
@@ -59,6 +61,7 @@ def check_config(run: RunConfig) -> None:
     _check_ranges(run)
     _check_choices(run)
     _check_attention(run)
+    _check_kda(run)
     _check_moe(run)
     _check_parallelism(run)
     _check_schedule(run)
@@ -168,6 +171,53 @@ def _check_attention(run) -> None:
             "tokenizer's vocabulary automatically"
         )
     _check_tp_divides("ffn_hidden_size", run.ffn_hidden_size, tp, "-" in pattern)
+
+
+# fla-core's chunk_kda (Triton) takes key head dims up to this (fla/ops/kda/chunk.py asserts it)
+KDA_MAX_HEAD_DIM = 256
+
+
+def _check_kda(run) -> None:
+    """KDA ('G') mixers: heads split over TP, fla-core's head-size limit and its presence; MLA's
+    NoPE switch only where there is MLA."""
+    pattern = layer_pattern(run)
+    if run.mla_use_nope and "+" not in pattern:
+        raise ValueError(
+            f"mla_use_nope=true but the pattern {pattern!r} has no MLA ('+') layer, so it would "
+            "be ignored; set mla_use_nope: false, or multi_latent_attention: true (or '+' mixers "
+            "in hybrid_layer_pattern)"
+        )
+    if "G" not in pattern:
+        return
+    heads, dim, tp = (
+        run.linear_num_key_heads,
+        run.linear_key_head_dim,
+        run.tensor_model_parallel_size,
+    )
+    if heads % tp:
+        raise ValueError(
+            f"linear_num_key_heads={heads} is not divisible by tensor_model_parallel_size={tp} "
+            f"(each tensor-parallel rank holds whole KDA heads); use a TP size that divides "
+            f"{heads} or a multiple of {tp} KDA heads"
+        )
+    if dim % tp:
+        raise ValueError(
+            f"linear_key_head_dim={dim} is not divisible by tensor_model_parallel_size={tp} "
+            f"(mcore/kda.py splits the low-rank gates' width D, which is the head dim, over TP); "
+            f"use a TP size that divides {dim} or a head dim that is a multiple of {tp}"
+        )
+    if run.linear_key_head_dim > KDA_MAX_HEAD_DIM:
+        raise ValueError(
+            f"linear_key_head_dim={run.linear_key_head_dim} is above {KDA_MAX_HEAD_DIM}, the "
+            f"largest KDA head fla-core's chunk_kda kernel supports; use at most "
+            f"{KDA_MAX_HEAD_DIM} (more KDA heads instead)"
+        )
+    if importlib.util.find_spec("fla") is None:
+        raise ValueError(
+            f"the pattern {pattern!r} has KDA ('G') layers, whose operator comes from fla-core "
+            "(fla.ops.kda), which is not installed; pip install fla-core (or use '*' or '+' "
+            "mixers)"
+        )
 
 
 def _check_tp_divides(name: str, size: int, ranks: int, used: bool, what: str = "TP") -> None:

@@ -84,6 +84,13 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         enable_attention_residuals=run.enable_attention_residuals,
         attn_res_mode=run.attn_res_mode,
         attn_res_block_layers=run.attn_res_block_layers,
+        attn_res_recompute_read=run.attn_res_recompute_read,
+        # KDA ('G'): q, k and v have the same heads and head dim (Megatron's GDN field names)
+        linear_num_key_heads=run.linear_num_key_heads,
+        linear_num_value_heads=run.linear_num_key_heads,
+        linear_key_head_dim=run.linear_key_head_dim,
+        linear_value_head_dim=run.linear_key_head_dim,
+        linear_conv_kernel_dim=run.linear_conv_kernel_dim,
     )
     if "+" in pattern:
         fields.update(
@@ -95,6 +102,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
             qk_layernorm=run.qk_layernorm,
             rope_type="rope",
             rotary_base=run.rotary_base,
+            mla_use_nope=run.mla_use_nope,
         )
         return AttnResMLATransformerConfig(**fields)
     return AttnResTransformerConfig(**fields)

@@ -7,17 +7,27 @@ arithmetic on the config (no model is built, no process group is started).
 
 Parameters: every pattern symbol is counted as this codebase builds it (local specs, no biases,
 SwiGLU, the router's expert bias is a buffer): a pre-norm gain (h) per sublayer, the mixer's or
-MLP's matrices, MLA's latent norms when qk_layernorm is set; the embedding and the final norm; the
-LM head unless tied; with AttnRes a pseudo-query and a key-norm gain (2h) per sublayer read and for
-the output read. Active parameters are those a token passes through: everything except the input
-embedding, with top-k / num_experts of each MoE layer's routed experts; the LM head counts (tied:
-the shared matrix counts once, as the LM head). Training FLOPs per token: metrics.flops_per_token.
+MLP's weights, the embedding and the final norm, the LM head unless tied, and with AttnRes a
+pseudo-query and a key-norm gain (2h) per sublayer read and for the output read. Mixers:
+  attention '*'  Q, K, V, O projections (grouped KV heads)
+  MLA '+'        Megatron's MultiLatentAttention; the qk_pos_emb_head_dim channels have their
+                 weights whether or not they are rotated (mla_use_nope); with qk_layernorm the
+                 latent norms (kv_lora_rank, + q_lora_rank under q-LoRA) count with MLA
+  KDA 'G'        metrics.kda_parameter_shapes (the KDA contract): q/k/v/o projections, three
+                 depthwise short convolutions, forget gate f_a/f_b + A_log + dt_bias, beta
+                 projection b_proj, output gate g_a/g_b and the gated output norm o_norm
+Breakdown categories: each mixer, MLP and router counts everything inside it (its internal norms
+included); `norms` are the sublayers' pre-norms and the final norm. Active parameters are those a
+token passes through: everything except the input embedding, with top-k / num_experts of each MoE
+layer's routed experts; the LM head counts (tied: the shared matrix counts once, as the LM head).
+Training FLOPs per token: metrics.flops_per_token.
 
 Memory per GPU (bytes) on the rank of each pipeline stage:
   weights     params on the rank x 2 (bf16) or 4 (fp32); a rank holds the replicated parameters
-              (norms, router, AttnRes), 1/TP of the tensor-parallel ones (vocab-parallel embedding
-              and LM head, attention, dense MLP, shared expert) and 1/(EP x ETP) of the routed
-              experts. Tied embeddings with PP > 1 put a copy of the embedding on the last stage.
+              (norms, router, AttnRes, KDA's o_norm), 1/TP of the tensor-parallel ones
+              (vocab-parallel embedding and LM head, attention, MLA, the rest of KDA, dense MLP,
+              shared expert) and 1/(EP x ETP) of the routed experts. Tied embeddings with
+              PP > 1 put a copy of the embedding on the last stage.
   gradients   params x 4 (Megatron DDP with grad_reduce_in_fp32: fp32 main grads)
   optimizer   params x (4 for the fp32 master copy when bf16 + states): Adam 8 (two moments);
               Muon 4 (momentum) for the hidden matrices and Adam for the embedding, the LM head and
@@ -32,6 +42,15 @@ Memory per GPU (bytes) on the rank of each pipeline stage:
                 attention '*'   Q, K, V, O + LSE                        a t (2 n d + 2 g d) + 4 t n
                 MLA '+'         Q, K, V, O + LSE + the KV latent (twice with its norm) and the
                                 Q latent under q-LoRA (twice with its norm)
+                KDA 'G'         (estimate for an unfused layer on fla-core's chunk_kda, whose
+                                forward keeps its inputs and recomputes the chunk states; e = H D,
+                                C = 64 the chunk size) q/k/v projection outputs, short-conv
+                                outputs and SiLU outputs 9 a t e; the kernel's L2-normalised q, k
+                                2 a t e; the output-gate projection, the kernel output and the
+                                gated norm's output 3 a t e; the low-rank gate latents 2 a t D; the
+                                fp32 forget-gate path (softplus input and output, g, its chunk
+                                cumsum) 16 t e; the kernel's fp32 intra-chunk matrices Aqk, Akk
+                                8 t H C; beta, its logits and the q/k rsqrt 16 t H
                 dense MLP '-'   SwiGLU input + fc2 input                3 a t f
                 MoE 'E'         fp32 router logits and scores 8 t E; routed tokens into and out of
                                 the experts 2 a t k h; experts 3 a t k f_e; shared expert 3 a t f_s
@@ -50,20 +69,38 @@ Memory per GPU (bytes) on the rank of each pipeline stage:
 """
 
 import argparse
-import dataclasses
 import json
+import math
 import sys
+import textwrap
 from dataclasses import dataclass
 
 from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
 from megatron_attnres.mcore.pipeline import chunk_first_layers
-from megatron_attnres.training.metrics import _attention_dims, flops_per_token
+from megatron_attnres.training.metrics import (
+    _attention_dims,
+    flops_per_token,
+    kda_parameter_shapes,
+)
 from megatron_attnres.training.model_setup import layer_pattern, padded_vocab_size
 from megatron_attnres.training.model_setup import transformer_config as make_transformer_config
 from megatron_attnres.training.run_config import RunConfig, load_run_config, parse_overrides
 
-CATEGORIES = ("embedding", "lm_head", "attention", "dense_mlp", "router", "shared_expert",
-              "routed_experts", "norms", "attnres")  # fmt: skip
+CATEGORIES = ("embedding", "lm_head", "attention", "mla", "kda", "dense_mlp", "router",
+              "shared_expert", "routed_experts", "norms", "attnres")  # fmt: skip
+# KDA parameters every tensor-parallel rank holds whole (mcore/kda.py splits the rest: by heads,
+# and the low-rank gates' down projections f_a/g_a along D)
+KDA_REPLICATED = ("o_norm.weight",)
+CONVENTION = (
+    "active = the parameters one token passes through: LM head included, input "
+    "embedding not; routed experts as top-k / num_experts of each MoE layer; KDA, MLA, "
+    "attention, dense MLP, shared expert, router, norms and AttnRes in full"
+)
+LABELS = {"embedding": "embedding", "lm_head": "LM head", "attention": "attention *",
+          "mla": "MLA +", "kda": "KDA G", "dense_mlp": "dense MLP -", "router": "MoE router",
+          "shared_expert": "shared expert", "routed_experts": "routed experts",
+          "norms": "norms", "attnres": "AttnRes w, g"}  # fmt: skip
+KDA_CHUNK = 64  # fla-core chunk_kda's default chunk size (activation estimate)
 GB = 1e9
 MEMORY_HEADER = "per GPU, GB    params(B)  weights  grads  optimizer  activations  in flight  total"
 
@@ -82,12 +119,15 @@ def sublayer_params(run: RunConfig, symbol: str) -> list[Params]:
     """The parameters of one pattern symbol (pre-norm included, AttnRes read excluded)."""
     h = run.hidden_size
     norm = Params("norms", h)
-    if symbol in "*+":
-        kind = dataclasses.replace(run, multi_latent_attention=symbol == "+")
-        out = [norm, Params("attention", _attention_dims(kind)[0], "tensor", True)]
-        if symbol == "+" and run.qk_layernorm:
-            out.append(Params("norms", run.kv_lora_rank + (run.q_lora_rank or 0)))
+    if symbol == "*":
+        return [norm, Params("attention", _attention_dims(run, mla=False)[0], "tensor", True)]
+    if symbol == "+":
+        out = [norm, Params("mla", _attention_dims(run, mla=True)[0], "tensor", True)]
+        if run.qk_layernorm:
+            out.append(Params("mla", run.kv_lora_rank + (run.q_lora_rank or 0)))
         return out
+    if symbol == "G":
+        return [norm, *kda_params(run)]
     if symbol == "-":
         return [norm, Params("dense_mlp", 3 * h * run.ffn_hidden_size, "tensor", True)]
     if symbol == "E":
@@ -102,9 +142,19 @@ def sublayer_params(run: RunConfig, symbol: str) -> list[Params]:
             out.append(Params("shared_expert", shared, "tensor", True))
         return out
     raise ValueError(
-        f"pattern symbol {symbol!r} has no parameter count here (KDA/'G' layers do not exist yet); "
-        "use '*' (attention), '+' (MLA), '-' (dense MLP) or 'E' (MoE)"
+        f"pattern symbol {symbol!r} has no parameter count here; use '*' (attention), '+' (MLA), "
+        "'G' (KDA), '-' (dense MLP) or 'E' (MoE)"
     )
+
+
+def kda_params(run: RunConfig) -> list[Params]:
+    """One KDA mixer's parameters by sharding; Muon steps its 2-D weights (the convolutions are
+    3-D and, like A_log, dt_bias and o_norm, go to AdamW)."""
+    out = []
+    for name, shape in kda_parameter_shapes(run).items():
+        sharding = "replicated" if name in KDA_REPLICATED else "tensor"
+        out.append(Params("kda", math.prod(shape), sharding, matrix=len(shape) == 2))
+    return out
 
 
 def chunk_params(run: RunConfig, segment: str, vocab: int, first: bool, last: bool) -> list[Params]:
@@ -190,6 +240,8 @@ def sublayer_activation_bytes(run: RunConfig, symbol: str, tokens: int, tp: int)
         latents *= 2 if run.qk_layernorm else 1
         qkvo = n * (2 * d_qk + 2 * run.v_head_dim)
         inner = a * tokens * (qkvo + latents) + 4 * tokens * n
+    elif symbol == "G":
+        inner = kda_activation_bytes(run, tokens, a)
     elif symbol == "-":
         inner = 3 * a * tokens * run.ffn_hidden_size
     else:  # 'E'
@@ -200,8 +252,17 @@ def sublayer_activation_bytes(run: RunConfig, symbol: str, tokens: int, tp: int)
     return norm + inner / tp
 
 
-def attnres_stage_bytes(schedule, first: int, last: int, final: bool, tokens: int,
-                        hidden: int, act_bytes: int) -> int:  # fmt: skip
+def kda_activation_bytes(run: RunConfig, tokens: int, a: int) -> int:
+    """Bytes one KDA mixer saves for backward, its pre-norm excluded (the module docstring's
+    estimate; TP splits all of it by heads)."""
+    heads, d = run.linear_num_key_heads, run.linear_key_head_dim
+    e = heads * d
+    saved = a * (14 * e + 2 * d) + 16 * e + 8 * heads * KDA_CHUNK + 16 * heads
+    return tokens * saved
+
+
+def attnres_stage_bytes(schedule, first: int, last: int, final: bool, tokens: int, hidden: int,
+                        act_bytes: int, recompute_read: bool = True) -> int:  # fmt: skip
     """AttnRes's extra saved bytes on a chunk of sublayers first..last (1-based): the terms of
     DepthBlockSchedule.saved_activation_overhead_bytes that fall in the chunk, plus the summaries
     it receives when it is not the first chunk. Summed over PP=1's only chunk, the same number."""
@@ -211,7 +272,8 @@ def attnres_stage_bytes(schedule, first: int, last: int, final: bool, tokens: in
     reads += [schedule.num_final_sources()] if final else []
     scalars = sum(3 * n * tokens * 4 for n in reads if n >= 2)
     received = schedule.summaries_entering(first) if first > 1 else 0
-    return (last - first + 1 + received) * tokens * hidden * act_bytes + scalars
+    kept_results = 0 if recompute_read else last - first + 1  # see the schedule's docstring
+    return (kept_results + received) * tokens * hidden * act_bytes + scalars
 
 
 def chunk_activation_bytes(run: RunConfig, schedule, segment: str, first: int, last: bool,
@@ -222,7 +284,8 @@ def chunk_activation_bytes(run: RunConfig, schedule, segment: str, first: int, l
     if last:
         total += 2 * a * tokens * h / (tp if run.sequence_parallel else 1)
         total += 4 * tokens * vocab / tp
-    attnres = attnres_stage_bytes(schedule, first, first + len(segment) - 1, last, tokens, h, a)
+    attnres = attnres_stage_bytes(schedule, first, first + len(segment) - 1, last, tokens, h, a,
+                                  run.attn_res_recompute_read)  # fmt: skip
     return total + attnres / (tp if run.sequence_parallel else 1)
 
 
@@ -285,18 +348,13 @@ def model_size(run: RunConfig, gpus: int | None = None) -> dict:
     acts = [chunk_activation_bytes(run, schedule, seg, firsts[c], c == last, vocab, sizes["tp"])
             for c, seg in enumerate(segments)]  # fmt: skip
     ranks = [rank_memory(run, sizes, chunks, acts, r) for r in range(sizes["pp"])]
-    # flops_per_token sizes every mixer by run.multi_latent_attention: follow the pattern (a
-    # pattern mixing '*' and '+' is counted as standard attention throughout).
-    mixers = {s for s in pattern if s in "*+"}
-    flops_run = dataclasses.replace(run, multi_latent_attention=mixers == {"+"})
-    flops = flops_per_token(flops_run, vocab, pattern, depth_reads(schedule))
+    flops = flops_per_token(run, vocab, pattern, depth_reads(schedule))
     return dict(
         pattern=pattern,
         vocab_size=vocab,
         parameters=dict(
             **counts,
-            convention="active = parameters a token passes through: all but the input "
-            "embedding, top-k/num_experts of the routed experts; the LM head counts",
+            convention=CONVENTION,
         ),
         training_flops_per_token=flops,
         parallelism=sizes,
@@ -305,15 +363,20 @@ def model_size(run: RunConfig, gpus: int | None = None) -> dict:
     )
 
 
+def _short(count: int) -> str:
+    """49122928512 -> '49.12B', 754168 -> '0.75M'."""
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+
+
 def format_report(report: dict) -> str:
     p, s = report["parameters"], report["parallelism"]
     lines = [f"pattern  {report['pattern']}   (vocab {report['vocab_size']:,})", "",
              f"{'parameters':16s} {'total':>16s} {'active':>16s}"]  # fmt: skip
     for name, b in p["breakdown"].items():
-        lines.append(f"  {name:14s} {b['total']:16,d} {b['active']:16,d}")
+        lines.append(f"  {LABELS[name]:14s} {b['total']:16,d} {b['active']:16,d}")
     lines += [f"  {'all':14s} {p['total']:16,d} {p['active']:16,d}   "
-              f"({p['total'] / 1e9:.2f}B total, {p['active'] / 1e9:.2f}B active)",
-              f"  ({p['convention']})", "",
+              f"({_short(p['total'])} total, {_short(p['active'])} active)",
+              *("  " + line for line in textwrap.wrap(f"({p['convention']})", 96)), "",
               f"training FLOPs per token  {report['training_flops_per_token']:.4g}", "",
               f"{s['gpus']} GPUs = TP {s['tp']} x PP {s['pp']} x DP {s['dp']} (virtual stages "
               f"{s['vp']}); experts EP {s['ep']} x ETP {s['etp']} x expert-DP {s['edp']}; "

@@ -43,6 +43,11 @@ class RunConfig:
     qk_pos_emb_head_dim: int = 8  # 0 = NoPE
     v_head_dim: int = 16
     qk_layernorm: bool = False
+    mla_use_nope: bool = False  # Kimi Linear: keep the qk_pos_emb_head_dim channels, never rotate
+    # -- KDA, Kimi Delta Attention: the 'G' pattern symbol (Megatron-LM's linear-attention names)
+    linear_num_key_heads: int = 4  # KDA heads (queries, keys and values have the same count)
+    linear_key_head_dim: int = 16  # KDA head dim (keys, values and the low-rank gate width)
+    linear_conv_kernel_dim: int = 4  # the short causal convolutions on q, k and v
     # -- MoE (num_experts null/0: every MLP sublayer is dense)
     num_experts: int | None = None
     moe_first_k_dense: int = 0  # the first k transformer layers keep a dense MLP
@@ -60,6 +65,7 @@ class RunConfig:
     enable_attention_residuals: bool = True
     attn_res_mode: str = "block"  # block | full
     attn_res_block_layers: int = 1
+    attn_res_recompute_read: bool = True  # rebuild each read's result in backward, not saved
     # -- parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

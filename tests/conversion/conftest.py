@@ -35,6 +35,10 @@ def hf_modules_cache(tmp_path, monkeypatch):
         transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules")
     )
     monkeypatch.setattr(sys, "path", list(sys.path))
+    # A `transformers_modules` package imported by an earlier test points at that test's cache;
+    # relative imports between shipped files (modeling_kda) must resolve in this one.
+    for name in [m for m in sys.modules if m.split(".")[0] == "transformers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 @pytest.fixture(autouse=True)

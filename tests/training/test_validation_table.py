@@ -21,6 +21,7 @@ from megatron_attnres.training.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 SP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "true"]
+KDA = ["--hybrid-layer-pattern", "G-GEGEGE"]  # tiny.yaml's 4 layers with KDA mixers
 
 # id, overrides of configs/tiny.yaml (argv as typed, or a dict of values as a script passes them),
 # then three substrings of the message: the value, the constraint, the fix.
@@ -104,6 +105,22 @@ CONFIG_CASES = [
      "cut after sublayer 4 instead"),
     ("qk-layernorm-attention", ["--qk-layernorm", "true"], "qk_layernorm=true",
      "QK norms are wired for MLA latents only", "qk_layernorm: false"),
+    ("kda-heads-positive", ["--linear-num-key-heads", "0"], "linear_num_key_heads=0",
+     "must be >= 1", "use 1 or more"),
+    ("kda-head-dim-positive", ["--linear-key-head-dim", "-16"], "linear_key_head_dim=-16",
+     "must be >= 1", "use 1 or more"),
+    ("kda-conv-positive", ["--linear-conv-kernel-dim", "0"], "linear_conv_kernel_dim=0",
+     "must be >= 1", "use 1 or more"),
+    ("kda-field-null", {"hybrid_layer_pattern": "G-GEGEGE", "linear_key_head_dim": None},
+     "linear_key_head_dim=None", "not a int", "linear_key_head_dim: 16"),
+    ("kda-heads-by-tp", [*KDA, "--linear-num-key-heads", "3", *SP2], "linear_num_key_heads=3",
+     "not divisible by tensor_model_parallel_size=2", "use a TP size that divides 3"),
+    ("kda-head-dim-by-tp", [*KDA, "--linear-key-head-dim", "15", *SP2], "linear_key_head_dim=15",
+     "not divisible by tensor_model_parallel_size=2", "use a TP size that divides 15"),
+    ("kda-head-dim-above-fla", [*KDA, "--linear-key-head-dim", "512"], "linear_key_head_dim=512",
+     "above 256, the largest KDA head fla-core's chunk_kda", "use at most 256"),
+    ("nope-without-mla", ["--mla-use-nope", "true"], "mla_use_nope=true",
+     "has no MLA ('+') layer", "set mla_use_nope: false, or multi_latent_attention: true"),
     ("global-by-micro", ["--global-batch-size", "12"], "global_batch_size=12",
      "not a multiple of micro_batch_size=8", "make it micro_batch_size x data-parallel size"),
     ("min-lr-above-lr", ["--min-lr", "0.01"], "min_lr=0.01", "above lr=0.003",
@@ -161,6 +178,14 @@ VALID_VARIANTS = {
                  "attn_res_block_layers": 1},
     "ep2-top1-sigmoid": {"expert_model_parallel_size": 2, "moe_router_topk": 1},
     "mla-with-qk-norm": {"multi_latent_attention": True, "qk_layernorm": True},
+    "mla-nope": {"multi_latent_attention": True, "mla_use_nope": True},
+    "kda-tp2": {"hybrid_layer_pattern": "G-GEGEGE", "tensor_model_parallel_size": 2,
+                "sequence_parallel": True},
+    "kda-and-mla-nope": {"hybrid_layer_pattern": "G-+EGEGE", "mla_use_nope": True,
+                         "linear_key_head_dim": 256},
+    # KDA fields are only checked where there are KDA layers
+    "kda-fields-without-kda": {"linear_num_key_heads": 3, "linear_key_head_dim": 512,
+                               "tensor_model_parallel_size": 2, "sequence_parallel": True},
     "cosine-no-warmup": {"lr_decay_style": "cosine", "lr_warmup_iters": 0, "min_lr": 0.0},
 }  # fmt: skip
 
@@ -168,6 +193,20 @@ VALID_VARIANTS = {
 @pytest.mark.parametrize("overrides", VALID_VARIANTS.values(), ids=VALID_VARIANTS)
 def test_valid_variants_pass(overrides):
     load_run_config(TINY, overrides)
+
+
+def test_kda_needs_fla_core(monkeypatch):
+    """A KDA pattern without fla-core importable is refused with the install command; the same
+    config passes while fla-core is there (negative control)."""
+    import sys
+
+    load_run_config(TINY, parse_overrides(KDA))
+    monkeypatch.setitem(sys.modules, "fla", None)  # what an absent package looks like to find_spec
+    with pytest.raises(ValueError) as err:
+        load_run_config(TINY, parse_overrides(KDA))
+    message = str(err.value)
+    assert "'G-GEGEGE' has KDA ('G') layers" in message and "pip install fla-core" in message
+    load_run_config(TINY)  # no KDA layer: fla-core is not needed
 
 
 def test_the_trainer_exits_2_with_the_message_before_starting(capsys, monkeypatch):

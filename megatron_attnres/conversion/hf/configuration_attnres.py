@@ -5,9 +5,12 @@ so it imports only transformers and the standard library.
 
 Architecture keys use Kimi Linear's config.json names. Additions:
   mixer_types          per layer: "full_attention" (grouped-query attention with RoPE), "mla"
-                       (multi-latent attention), "kda" (Kimi Delta Attention, not implemented yet).
+                       (multi-latent attention), "kda" (Kimi Delta Attention, modeling_kda.py).
                        Derived from Kimi Linear's `linear_attn_config` (full_attn_layers -> "mla",
                        kda_layers -> "kda", 1-based) when absent.
+  linear_attn_config   Kimi Linear's KDA settings: {"kda_layers", "full_attn_layers" (1-based),
+                       "num_heads" H, "head_dim" D, "short_conv_kernel_size" K}; the last three are
+                       required when a layer is "kda".
   attn_res_mode        "none" (standard residual), "full" or "block" (Attention Residuals).
   attn_res_block_size  transformer layers per depth block in block mode (S = 2 x this sublayers).
   attn_res_two_phase   compute depth reads block by block with the two-phase method (exact); False
@@ -20,6 +23,7 @@ from transformers import PretrainedConfig
 MIXER_TYPES = ("full_attention", "mla", "kda")
 ATTN_RES_MODES = ("none", "full", "block")
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
+KDA_SIZES = ("num_heads", "head_dim", "short_conv_kernel_size")
 
 
 def _invalid(key: str, value, rule: str) -> ValueError:
@@ -179,6 +183,20 @@ class AttnResConfig(PretrainedConfig):
                 f"it must divide num_attention_heads={self.num_attention_heads}",
             ),
         ]  # fmt: skip
+        checks += self._kda_checks()
         for ok, key, value, rule in checks:
             if not ok:
                 raise _invalid(key, value, rule)
+
+    def _kda_checks(self) -> list[tuple]:
+        if "kda" not in self.mixer_types:
+            return []
+        lin = self.linear_attn_config or {}
+        sizes = [lin.get(key) for key in KDA_SIZES]
+        return [
+            (
+                all(isinstance(v, int) and v > 0 for v in sizes),
+                "linear_attn_config", self.linear_attn_config,
+                f"KDA layers need positive integers {KDA_SIZES} in linear_attn_config",
+            ),
+        ]  # fmt: skip

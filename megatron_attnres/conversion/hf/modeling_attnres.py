@@ -3,7 +3,8 @@
 Self-contained (torch, transformers, the standard library and the sibling configuration file):
 exported checkpoint folders ship it and load it with trust_remote_code=True.
 
-Each layer is two sublayers, a mixer (grouped-query attention with RoPE, or MLA) and an MLP/MoE,
+Each layer is two sublayers, a mixer (grouped-query attention with RoPE, MLA, or KDA from
+modeling_kda.py, which needs `pip install fla-core`) and an MLP/MoE,
 each y = f(pre_norm(x)). attn_res_mode "none" adds y to the residual stream; "full" and "block"
 form every sublayer's input by a depth read (softmax over depth) instead, per token:
     k_i = RMSNorm_g(v_i),  s_i = w . k_i (no 1/sqrt(h)),  a = softmax_i(s),  x = sum_i a_i v_i
@@ -21,10 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_attnres import AttnResConfig
+from .depth_read_triton import (
+    depth_read_phase1_triton,
+    depth_read_phase2_triton,
+    triton_depth_read_available,
+)
+from .modeling_kda import AttnResCache, KimiDeltaAttention, init_kda
 
 try:  # transformers >= 5: init functions that leave weights loaded from a checkpoint alone
     from transformers import initialization as init
@@ -70,7 +76,10 @@ class DepthReadStats(NamedTuple):
 
 def depth_read_phase1(completed, queries_RH: torch.Tensor, eps: float) -> DepthReadStats:
     """Phase 1 (DESIGN section 6): the R reads of one depth block over its completed summaries,
-    as one batched attention (pseudo-queries do not depend on the input)."""
+    as one batched attention (pseudo-queries do not depend on the input). On CUDA with triton:
+    the fused kernel of depth_read_triton.py (ATTNRES_DEPTH_READ=torch keeps this code)."""
+    if triton_depth_read_available(completed[0]):
+        return DepthReadStats(*depth_read_phase1_triton(completed, queries_RH, eps))
     values_NTH = _upcast(torch.stack(completed).flatten(1, -2))
     scores_NTR = _scores(values_NTH, queries_RH, eps)
     max_TR = scores_NTR.amax(0)
@@ -84,6 +93,8 @@ def depth_read_phase2(stats: DepthReadStats, read: int, partial, query_H, eps: f
     its phase-1 statistics with an online-softmax update; exact. Output shaped like `like`."""
     max_T, denom_T = stats.max_TR[:, read], stats.denom_TR[:, read]
     acc_TH = stats.acc_TRH[:, read]
+    if triton_depth_read_available(like):
+        return depth_read_phase2_triton(max_T, denom_T, acc_TH, partial, query_H, eps, like)
     if partial is not None:
         p_TH = _upcast(partial.flatten(0, -2))
         score_T = _scores(p_TH[None], query_H[None], eps)[0, :, 0]
@@ -300,12 +311,8 @@ class AttnResDecoderLayer(nn.Module):
     def __init__(self, config: AttnResConfig, layer_idx: int):
         super().__init__()
         h, eps, mixer = config.hidden_size, config.rms_norm_eps, config.mixer_types[layer_idx]
-        if mixer == "kda":
-            raise NotImplementedError(
-                f"layer {layer_idx} has mixer 'kda' (Kimi Delta Attention), which this modeling "
-                "code does not implement yet; use 'full_attention' or 'mla'"
-            )
-        attention = AttnResMLA if mixer == "mla" else AttnResAttention
+        attention = {"mla": AttnResMLA, "kda": KimiDeltaAttention}.get(mixer, AttnResAttention)
+        self.is_kda = mixer == "kda"
         self.self_attn = attention(config, layer_idx)
         self.input_layernorm = AttnResRMSNorm(h, eps)
         self.post_attention_layernorm = AttnResRMSNorm(h, eps)
@@ -319,21 +326,23 @@ class AttnResDecoderLayer(nn.Module):
             self.mlp_res_proj = AttnResPseudoQuery(h)
             self.mlp_res_norm = AttnResRMSNorm(h, eps)
 
-    def mixer(self, x, position_ids, attn_bias, cache):
-        return self.self_attn(self.input_layernorm(x), position_ids, attn_bias, cache)
+    def mixer(self, x, position_ids, attn_bias, cache, token_mask=None):
+        extra = {"token_mask": token_mask} if self.is_kda else {}  # KDA zeroes padded tokens
+        return self.self_attn(self.input_layernorm(x), position_ids, attn_bias, cache, **extra)
 
     def ffn(self, x):
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
         return ffn(self.post_attention_layernorm(x))
 
-    def forward(self, x, position_ids, attn_bias, cache):
+    def forward(self, x, position_ids, attn_bias, cache, token_mask=None):
         """Standard residual (attn_res_mode 'none')."""
-        x = x + self.mixer(x, position_ids, attn_bias, cache)
+        x = x + self.mixer(x, position_ids, attn_bias, cache, token_mask)
         return x + self.ffn(x)
 
-    def sublayers(self, position_ids, attn_bias, cache):
+    def sublayers(self, position_ids, attn_bias, cache, token_mask=None):
         """(f, pseudo-query, key norm) of the mixer and the MLP/MoE sublayer, in order."""
-        mixer = bind(self.mixer, position_ids=position_ids, attn_bias=attn_bias, cache=cache)
+        mixer = bind(self.mixer, position_ids=position_ids, attn_bias=attn_bias, cache=cache,
+                     token_mask=token_mask)  # fmt: skip
         return [
             (mixer, self.self_attention_res_proj, self.self_attention_res_norm),
             (self.ffn, self.mlp_res_proj, self.mlp_res_norm),
@@ -353,7 +362,9 @@ class AttnResPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, AttnResPseudoQuery):  # every read starts as an equal-weight mean
             init.zeros_(module.weight)
-        elif isinstance(module, nn.Linear | nn.Embedding):
+        elif isinstance(module, KimiDeltaAttention):
+            init_kda(module, init)
+        elif isinstance(module, nn.Linear | nn.Embedding | nn.Conv1d):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, AttnResRMSNorm):
             init.ones_(module.weight)
@@ -411,23 +422,27 @@ class AttnResModel(AttnResPreTrainedModel):
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+            past_key_values = AttnResCache()
         cache = past_key_values if use_cache else None
         past_len = cache.get_seq_length() if cache is not None else 0
         q_len = embeds.shape[1]
         if position_ids is None:
             position_ids = _positions(attention_mask, q_len, past_len, embeds.device)
         attn_bias = _causal_bias(attention_mask, q_len, past_len, embeds.dtype, embeds.device)
+        padded = attention_mask is not None and attention_mask.dim() == 2
+        token_mask = attention_mask[:, -q_len:] if padded else None
         if self.config.attn_res_mode == "none":
             hidden = embeds
             for layer in self.layers:
-                hidden = layer(hidden, position_ids, attn_bias, cache)
+                hidden = layer(hidden, position_ids, attn_bias, cache, token_mask)
         else:
             two_phase = (
                 self.config.attn_res_two_phase if attn_res_two_phase is None else attn_res_two_phase
             )
             sublayers = [
-                s for layer in self.layers for s in layer.sublayers(position_ids, attn_bias, cache)
+                s
+                for layer in self.layers
+                for s in layer.sublayers(position_ids, attn_bias, cache, token_mask)
             ]
             hidden = self._depth_attention(embeds, sublayers, two_phase)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache)
@@ -467,6 +482,18 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         self.model = AttnResModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets an AttnResCache (KDA states beside the KV cache) unless given one."""
+        wanted = generation_config.use_cache is not False and not getattr(
+            generation_config, "cache_implementation", None
+        )
+        if wanted and model_kwargs.get("past_key_values") is None:
+            model_kwargs["past_key_values"] = AttnResCache()
+            return None
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, *args, **kwargs
+        )
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
