@@ -12,16 +12,19 @@ class DepthAttention(nn.Module):
     """One depth read: a pseudo-query w (zero-initialised) and a key RMSNorm gain g (ones).
 
     With w = 0 every read starts as the equal-weight average of its sources. `lean=False` selects
-    the plain autograd implementation (useful as an oracle and for debugging).
+    the plain autograd implementation (useful as an oracle and for debugging). `read_fn` replaces
+    the lean read with another implementation of the same signature (the model passes
+    `megatron_attnres.kernels.depth_read_auto`: the fused Triton kernel on GPU).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, lean: bool = True):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, lean: bool = True, read_fn=None):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
         self.hidden_size = hidden_size
         self.eps = float(eps)
         self.lean = lean
+        self.read_fn = read_fn if read_fn is not None else depth_read
         self.pseudo_query = nn.Parameter(torch.empty(hidden_size))
         self.key_norm_weight = nn.Parameter(torch.empty(hidden_size))
         self.reset_parameters()
@@ -35,7 +38,7 @@ class DepthAttention(nn.Module):
         if len(sources) == 1:
             # A single source: softmax over one entry is 1, the read is the identity.
             return sources[0]
-        read = depth_read if self.lean else depth_read_reference
+        read = self.read_fn if self.lean else depth_read_reference
         return read(sources, self.pseudo_query, self.key_norm_weight, self.eps)
 
     def extra_repr(self) -> str:

@@ -119,22 +119,27 @@ class DepthBlockSchedule:
     def num_final_sources(self) -> int:
         return self.final_sources().num_sources
 
-    def saved_activation_overhead_bytes(self, tokens: int, hidden: int, act_bytes: int) -> int:
+    def saved_activation_overhead_bytes(
+        self, tokens: int, hidden: int, act_bytes: int, recompute_read: bool = True
+    ) -> int:
         """Extra bytes autograd keeps for one forward versus the standard residual (mode none).
 
-        Both modes save every sublayer's input (its pre-norm keeps it) and the final norm's input.
-        AttnRes additionally keeps, per sublayer, the partial summary it leaves behind (a source
-        of later reads: num_sublayers tensors of [tokens, hidden]), and per depth read with two or
-        more sources three fp32 scalars per source and token (inverse rms, score term, weight; a
-        one-source read is the identity and saves nothing). `tokens` counts this rank's tokens
-        (s * b, divided by TP under sequence parallelism).
+        Per depth read with two or more sources: three fp32 scalars per source and token (inverse
+        rms, score term, weight; a one-source read is the identity and saves nothing). That is
+        all with `recompute_read` (the model's default, mcore/read_recompute.py): the sources a
+        read keeps (summaries, partial summaries) stand in one for one for the residual streams
+        the standard residual's pre-norms keep. Without it every read's result is kept as well
+        (by the sublayer's pre-norm, or the final norm after the output read), which adds
+        num_sublayers tensors of [tokens, hidden]. `tokens` counts this rank's tokens (s * b,
+        divided by TP under sequence parallelism).
         """
         if not self.uses_depth_reads:
             return 0
         reads = [self.sources(j).num_sources for j in range(1, self.num_sublayers + 1)]
         reads.append(self.num_final_sources())
         scalars = sum(3 * n * tokens * 4 for n in reads if n >= 2)
-        return self.num_sublayers * tokens * hidden * act_bytes + scalars
+        kept_results = 0 if recompute_read else self.num_sublayers * tokens * hidden * act_bytes
+        return kept_results + scalars
 
     def valid_pipeline_cuts(self) -> list[int]:
         """Sublayer offsets c (0 < c < L) where a pipeline stage may end: depth-block boundaries."""

@@ -15,13 +15,17 @@ summaries packed into one tensor and sends on its completed summaries the same w
 (`mcore/pipeline.py`); the partial summary never crosses a stage.
 """
 
+from functools import partial as partial_fn
+
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
 from torch import nn
 
 from megatron_attnres.attnres.module import DepthAttention
+from megatron_attnres.kernels.depth_read_triton import depth_read_auto
 from megatron_attnres.mcore.pipeline import pack_summaries, unpack_summaries
+from megatron_attnres.mcore.read_recompute import recomputed_read_result
 
 
 class AttnResHybridStack(HybridStack):
@@ -44,9 +48,11 @@ class AttnResHybridStack(HybridStack):
         self.first_layer_number = self.layers[0].layer_number if len(self.layers) else 1
         if self.schedule.uses_depth_reads:
             # One read per local sublayer (indexed like self.layers) and the output read; child
-            # modules so that sharded_state_dict (which walks children) checkpoints them.
-            self.depth_reads = nn.ModuleList(DepthAttention(hidden, eps) for _ in self.layers)
-            self.output_read = DepthAttention(hidden, eps) if self.post_process else None
+            # modules so that sharded_state_dict (which walks children) checkpoints them. Reads
+            # run the fused Triton kernel on GPU (ATTNRES_DEPTH_READ=auto|torch|triton, kernels/).
+            read = partial_fn(DepthAttention, read_fn=depth_read_auto)
+            self.depth_reads = nn.ModuleList(read(hidden, eps) for _ in self.layers)
+            self.output_read = read(hidden, eps) if self.post_process else None
             for param in self._attnres_parameters():
                 # Replicated across TP; under sequence parallelism each rank sees its own tokens,
                 # so finalize_model_grads must all-reduce these grads like LayerNorm weights.
@@ -117,15 +123,15 @@ class AttnResHybridStack(HybridStack):
                 if cache is not None:
                     completed = [*cache.cached(microbatch, self.chunk_index), *completed]
             inherited = 0 if self.pre_process else len(completed)
-            out = self._forward_depth_attention(completed, layer_kwargs)
+            out = self._forward_depth_attention(completed, layer_kwargs)  # final norm included
             if not self.post_process:
                 out = self._stage_payload(out, inherited, microbatch)
         else:
             out = hidden_states
             for layer in self.layers:
-                out = out + _raw_output(layer, out, layer_kwargs)
-        if self.post_process and self.post_layer_norm:
-            out = self.final_norm(out)
+                out = out + _raw_output(layer, out, **layer_kwargs)
+            if self.post_process and self.post_layer_norm:
+                out = self.final_norm(out)
         return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True)
 
     def _forward_depth_attention(self, completed, layer_kwargs):
@@ -134,13 +140,26 @@ class AttnResHybridStack(HybridStack):
             if self.schedule.starts_block(layer.layer_number) and partial is not None:
                 completed, partial = [*completed, partial], None
             sources = completed if partial is None else [*completed, partial]
-            y = _raw_output(layer, read(sources), layer_kwargs)
+            y = self._after_read(read, sources, partial_fn(_raw_output, layer, **layer_kwargs))
             partial = y if partial is None else partial + y
         if partial is not None:
             completed = [*completed, partial]  # stages end at depth-block boundaries
         if not self.post_process:
             return completed
-        return self.output_read(completed)
+        if not self.post_layer_norm:
+            return self.output_read(completed)
+        return self._after_read(self.output_read, completed, self.final_norm)
+
+    def _after_read(self, read, sources, consumer):
+        """consumer(read(sources)); the read's result is not among what the consumer (a
+        sublayer, or the final norm) saves for backward but rebuilt from the sources then
+        (read_recompute.py), unless attn_res_recompute_read is off or the read is the identity.
+        read.forward skips the diagnostics hooks a second call would trigger."""
+        x = read(sources)
+        if len(sources) == 1 or not self.config.attn_res_recompute_read:
+            return consumer(x)
+        with recomputed_read_result(x, partial_fn(read.forward, sources)):
+            return consumer(x)
 
     def _stage_payload(self, completed, inherited, microbatch):
         """The packed summaries for the next stage: all of them (1F1B), or under the interleaved
@@ -154,6 +173,6 @@ class AttnResHybridStack(HybridStack):
         return cache.add_cached_gradients(packed, microbatch, chunk, "produced")
 
 
-def _raw_output(layer, x, layer_kwargs):
+def _raw_output(layer, x, **layer_kwargs):
     out = layer(hidden_states=x, **layer_kwargs)
     return out[0] if isinstance(out, tuple) else out

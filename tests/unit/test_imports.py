@@ -13,6 +13,7 @@ FORBIDDEN = {
     "attnres": {"mcore", "training", "conversion", "data"},
     "mcore": {"training", "conversion"},
     "data": {"attnres", "mcore", "training", "conversion"},
+    "kernels": {"mcore", "training", "conversion", "data"},
 }
 
 

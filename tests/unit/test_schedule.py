@@ -84,4 +84,6 @@ def test_saved_activation_overhead_counts_partials_and_read_scalars():
     schedule = DepthBlockSchedule(4, "block", 2)
     partials = 4 * tokens * hidden * act_bytes
     scalars = 3 * 4 * tokens * (2 + 2 + 3 + 3)
-    assert schedule.saved_activation_overhead_bytes(tokens, hidden, act_bytes) == partials + scalars
+    assert schedule.saved_activation_overhead_bytes(tokens, hidden, act_bytes) == scalars
+    overhead = schedule.saved_activation_overhead_bytes(tokens, hidden, act_bytes, False)
+    assert overhead == partials + scalars

@@ -1,0 +1,21 @@
+"""Fused GPU kernels (Triton) for the AttnRes depth read; the PyTorch op stays the fallback.
+
+Imports torch and (guarded) triton, plus megatron_attnres.attnres; nothing from mcore, training
+or conversion. See `depth_read_triton` for the dispatch switch ATTNRES_DEPTH_READ.
+"""
+
+from megatron_attnres.kernels.depth_read_triton import (
+    FusedDepthRead,
+    depth_read_auto,
+    depth_read_backend,
+    fused_depth_read,
+    fused_depth_read_available,
+)
+
+__all__ = [
+    "FusedDepthRead",
+    "depth_read_auto",
+    "depth_read_backend",
+    "fused_depth_read",
+    "fused_depth_read_available",
+]
