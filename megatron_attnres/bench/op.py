@@ -1,0 +1,165 @@
+"""Op level: one depth read over N sources of [tokens, hidden], forward and forward + backward.
+
+Implementations, timed in the same run (ratios are to the PyTorch reference):
+- lean:      attnres.depth_read (LeanDepthRead, our memory-lean autograd function)
+- reference: attnres.depth_read_reference (stacks the sources; plain autograd)
+- compiled:  torch.compile of the reference (skipped with the reason if compilation fails)
+- triton:    megatron_attnres.kernels.depth_read_triton, on CUDA only, if present
+- flash_attn_res, fast_attnres: external packages (optional; never dependencies), on CUDA only:
+  reported as "not installed" when absent; no adapter to their APIs is written yet.
+Achieved GB/s uses the cost model's ideal bytes of a fused read (bench/cost_model.py,
+`read_training_traffic`), so it is comparable across implementations; % of peak where the
+device's peak bandwidth is known.
+"""
+
+import importlib
+import importlib.util
+
+import torch
+
+from megatron_attnres.attnres import depth_read, depth_read_reference
+from megatron_attnres.bench.common import device_info, header_line, interleaved_medians, table
+from megatron_attnres.bench.cost_model import read_training_traffic
+
+EPS = 1e-5
+# (tokens, hidden, sources) per device; GPU shapes are paper-like (Kimi Linear: hidden 2304,
+# 10 sources; a 7168-wide model), CPU shapes are toys.
+SHAPES = {
+    "cuda": [(4096, 2304, 2), (16384, 2304, 10), (8192, 7168, 4), (8192, 7168, 10)],
+    "cpu": [(2048, 256, 2), (2048, 256, 8)],
+}
+QUICK_SHAPES = {"cuda": [(8192, 2304, 10)], "cpu": [(512, 128, 4)]}
+
+
+def _triton_read():
+    """The fused Triton depth read (kernels/depth_read_triton.py), if it imports."""
+    try:
+        module = importlib.import_module("megatron_attnres.kernels.depth_read_triton")
+    except ImportError as err:
+        return None, f"not available ({err})"
+    for name in ("fused_depth_read", "depth_read_triton"):
+        if callable(getattr(module, name, None)):
+            return getattr(module, name), ""
+    return None, "module has no fused_depth_read function"
+
+
+def implementations(device: str, compile: bool = True) -> tuple[dict, dict]:
+    """(name -> fn(sources, w, g, eps), name -> reason skipped)."""
+    impls = {"lean": depth_read, "reference": depth_read_reference}
+    skipped = {}
+    if not compile:
+        skipped["compiled"] = "--no-compile"
+    else:
+        impls["compiled"] = torch.compile(depth_read_reference, dynamic=False)
+    if device != "cuda":
+        for name in ("triton", "flash_attn_res", "fast_attnres"):
+            skipped[name] = "CUDA only"
+        return impls, skipped
+    fn, why = _triton_read()
+    if fn is None:
+        skipped["triton"] = why
+    else:
+        impls["triton"] = fn
+    for name in ("flash_attn_res", "fast_attnres"):
+        if importlib.util.find_spec(name) is None:
+            skipped[name] = "not installed"
+        else:
+            skipped[name] = "installed; no adapter to its API yet"
+    return impls, skipped
+
+
+def _inputs(tokens, hidden, n, device, dtype, grad: bool):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sources = [
+        torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_(grad)
+        for _ in range(n)
+    ]
+    w = (0.1 * torch.randn(hidden, generator=gen)).to(device).requires_grad_(grad)
+    g = torch.ones(hidden, device=device, requires_grad=grad)
+    return sources, w, g
+
+
+def _runner(fn, tokens, hidden, n, device, dtype, backward: bool):
+    sources, w, g = _inputs(tokens, hidden, n, device, dtype, backward)
+    if not backward:
+
+        def run():
+            with torch.no_grad():
+                fn(sources, w, g, EPS)
+
+        return run
+    grad_out = torch.randn(tokens, hidden, device=device, dtype=dtype)
+
+    def run():
+        for t in [*sources, w, g]:
+            t.grad = None
+        fn(sources, w, g, EPS).backward(grad_out)
+
+    return run
+
+
+def time_shape(impls: dict, skipped: dict, shape, device, dtype, backward, reps) -> dict:
+    """Median seconds per implementation, interleaved (A B C A B C ...); an implementation
+    that fails (e.g. no C++ compiler for inductor) moves to `skipped`."""
+    runners = {}
+    for name, fn in list(impls.items()):
+        run = _runner(fn, *shape, device, dtype, backward)
+        try:
+            run()  # first call: compilation, autotuning
+        except Exception as err:  # noqa: BLE001 - only this column is lost
+            skipped[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            impls.pop(name)
+            continue
+        runners[name] = run
+    return interleaved_medians(runners, device, warmup=1, reps=reps)
+
+
+def run_op(device: str = "cpu", quick: bool = False, compile: bool = True) -> dict:
+    info = device_info(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    impls, skipped = implementations(device, compile)
+    shapes = (QUICK_SHAPES if quick else SHAPES)[device]
+    reps = 5 if quick else 11
+    rows, records = [], []
+    for tokens, hidden, n in shapes:
+        ideal = read_training_traffic(n, tokens, hidden, dtype.itemsize)
+        for backward in (False, True):
+            nbytes = ideal["forward"].total + (ideal["backward"].total if backward else 0)
+            times = time_shape(impls, skipped, (tokens, hidden, n), device, dtype, backward, reps)
+            base = times.get("reference")
+            for name, seconds in times.items():
+                gbps = nbytes / seconds / 1e9
+                peak = info["peak_bandwidth"]
+                record = dict(
+                    tokens=tokens,
+                    hidden=hidden,
+                    sources=n,
+                    dtype=str(dtype),
+                    pass_="fwd+bwd" if backward else "fwd",
+                    impl=name,
+                    ms=1e3 * seconds,
+                    vs_reference=base / seconds if base else None,
+                    gb_per_s=gbps,
+                    pct_peak=100 * gbps * 1e9 / peak if peak else None,
+                )
+                records.append(record)
+                rows.append(
+                    [
+                        f"{tokens}x{hidden}",
+                        n,
+                        record["pass_"],
+                        name,
+                        record["ms"],
+                        record["vs_reference"],
+                        gbps,
+                        record["pct_peak"],
+                    ]
+                )
+    text = table(
+        "op: one depth read (speed-up = reference time / this time; GB/s from the ideal bytes)",
+        ["tokens x hidden", "N", "pass", "impl", "ms", "speed-up vs reference", "GB/s", "% peak"],
+        rows,
+    )
+    notes = [f"  {name}: skipped, {why}" for name, why in skipped.items()]
+    print(header_line(info) + "\n" + text + ("\n" + "\n".join(notes) if notes else ""), flush=True)
+    return {"info": info, "dtype": str(dtype), "results": records, "skipped": skipped}
