@@ -79,7 +79,7 @@ def write_plots(run_dir: str | Path, log_y: bool = False) -> list[Path]:
         return written
     last = records["diagnostics"][-1]
     if last.get("depth_attention"):
-        written.append(_plot_depth_attention(last, out / "depth_attention.png"))
+        written.append(plot_depth_attention(last, out / "depth_attention.png"))
     else:
         print("note: the run has no depth reads (standard residual); skipped depth_attention.png")
     written.append(_plot_layer_norms(last, out / "layer_norms.png"))
@@ -115,7 +115,8 @@ def depth_attention_grid(depth_attention: dict) -> tuple[list[str], list[str], l
     return keys, columns, rows
 
 
-def _plot_depth_attention(record: dict, path: Path) -> Path:
+def plot_depth_attention(record: dict, path: Path, title: str | None = None) -> Path:
+    """Heatmap of record["depth_attention"] (the diagnostics format) written to `path`."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -125,7 +126,8 @@ def _plot_depth_attention(record: dict, path: Path) -> Path:
     image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(keys)), [_row_label(key) for key in keys])
-    ax.set(xlabel="source", ylabel="read", title=f"Depth attention (step {record['step']})")
+    title = title or f"Depth attention (step {record['step']})"
+    ax.set(xlabel="source", ylabel="read", title=title)
     if grid.size <= 400:
         for (i, j), value in np.ndenumerate(grid.filled(np.nan)):
             if not np.isnan(value):
