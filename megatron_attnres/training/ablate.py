@@ -173,30 +173,25 @@ def run_config(base: dict, variant: str, seed: int, data: dict, run_dir: Path) -
     return values
 
 
-def finished(run_dir: Path) -> dict | None:
-    """The run's `final` record if it completed, else None."""
+def _records_backwards(run_dir: Path):
+    """RUN_DIR/metrics.jsonl's records, last first; a line being written is skipped."""
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        if line.strip():
-            record = json.loads(line)
-            return record if record.get("kind") == "final" else None
-    return None
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The run's `final` record if it completed (its last record), else None."""
+    last = next(_records_backwards(run_dir), None)
+    return last if last is not None and last.get("kind") == "final" else None
 
 
 def _last_train_record(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-        if record.get("kind") == "train":
-            return record
-    return None
+    return next((r for r in _records_backwards(run_dir) if r.get("kind") == "train"), None)
 
 
 def _fmt(seconds: float) -> str:

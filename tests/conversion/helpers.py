@@ -12,7 +12,6 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_attnres.conversion.hf.modeling_attnres import AttnResForCausalLM
 from megatron_attnres.mcore.model import build_model_chunks
 from megatron_attnres.training.model_setup import layer_pattern, transformer_config
 from megatron_attnres.training.run_config import RunConfig, load_run_config
@@ -58,8 +57,9 @@ def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens, positions, None)
 
 
-def randomise_hf(model: AttnResForCausalLM) -> AttnResForCausalLM:
-    """Non-zero pseudo-queries, non-trivial norm gains and expert biases (in place)."""
+def randomise_hf(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-zero pseudo-queries, non-trivial norm gains and expert biases (in place); also for
+    transformers' own Kimi Linear models (which have no pseudo-queries)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "res_proj" in name:

@@ -98,13 +98,7 @@ def test_kimi_linear_imports_and_attnres_off_exports_back(tmp_path, tokenizer_mo
         linear_attn_config={"full_attn_layers": [1, 2, 3], "kda_layers": []},
     )  # fmt: skip
     theirs = kimi.KimiLinearForCausalLM(kimi.KimiLinearConfig(**shape)).eval()
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-        for name, buffer in theirs.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
+    randomise_hf(theirs)  # non-trivial norm gains and expert biases
     theirs.save_pretrained(tmp_path / "kimi")
     shutil.copyfile(tokenizer_model, tmp_path / "kimi" / "tokenizer.model")
     with torch.no_grad():

@@ -96,14 +96,8 @@ def kimi_folder(path, tokenizer_model, monkeypatch):
     kimi, calls = torch_kda_paths(monkeypatch)
     torch.manual_seed(0)
     config = kimi.KimiLinearConfig(**SHAPE, initializer_range=0.1)  # O(1) logits
-    theirs = kimi.KimiLinearForCausalLM(config).eval()
+    theirs = randomise_hf(kimi.KimiLinearForCausalLM(config).eval())  # norms, expert biases
     with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-        for name, buffer in theirs.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.normal_(0.0, 0.1)
         expected = theirs(tokens()).logits
     assert calls["chunk"] == 2
     theirs.save_pretrained(path)
