@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from megatron_attnres.training.diagnostics import OUTPUT_KEY, sublayer_sort_key
-from megatron_attnres.training.plot import plot_depth_attention, read_records
+from megatron_attnres.training.plot import plot_depth_attention, read_records, save_figure
 
 # Paper Table 4 (16-layer, 436M-active ablation): final validation loss.
 PAPER_TABLE4 = {"none": 1.766, "block": 1.746, "full": 1.737}
@@ -253,7 +253,7 @@ def write_plots(out: Path, runs: dict[str, list[dict]], block_layers: int) -> li
     ax.set(xlabel="step", ylabel="validation loss (nats)", title="Validation loss (mean +- std)")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out / "valid_loss.png"))
+    written.append(save_figure(fig, out / "valid_loss.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, name, title in [
@@ -278,7 +278,7 @@ def write_plots(out: Path, runs: dict[str, list[dict]], block_layers: int) -> li
         ax.set(xlabel="sublayer (dashed: block depth-block boundaries)", title=title, yscale="log")
         ax.grid(alpha=0.3)
         ax.legend()
-    written.append(_save(fig, out / "layer_norms.png"))
+    written.append(save_figure(fig, out / "layer_norms.png"))
 
     for variant, summaries in runs.items():
         weights = _mean_depth_attention(summaries)
@@ -293,12 +293,3 @@ def write_plots(out: Path, runs: dict[str, list[dict]], block_layers: int) -> li
                 )
             )
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

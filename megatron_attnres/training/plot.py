@@ -98,7 +98,7 @@ def _plot_loss(train: list[dict], valid: list[dict], path: Path, log_y: bool) ->
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def depth_attention_grid(depth_attention: dict) -> tuple[list[str], list[str], list[list]]:
@@ -134,7 +134,7 @@ def plot_depth_attention(record: dict, path: Path, title: str | None = None) -> 
                 color = "white" if value < 0.6 else "black"
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="mean weight")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _row_label(key: str) -> str:
@@ -156,10 +156,11 @@ def _plot_layer_norms(record: dict, path: Path) -> Path:
         if values and min(values.values()) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write at 120 dpi and close `fig`; return `path`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
