@@ -22,6 +22,7 @@ Two implementations (plus `depth_weights`, the reference's weights a_i, for diag
 """
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -90,28 +91,29 @@ def _softmax_weights(values_NTH, pseudo_query, key_norm_weight, eps) -> torch.Te
 
 
 class LeanDepthRead(torch.autograd.Function):
-    """Memory-lean depth read: saves source references and per-token fp32 scalars only."""
+    """Memory-lean depth read: saves source references and per-token fp32 scalars only.
+
+    Written for few, large ops (what a CPU or an unfused GPU path pays for): per source the
+    forward makes two reductions (v.v and v.q) and one fused multiply-add into the result; the
+    backward one reduction (v.G), one matrix-vector product (dq) and two fused multiply-adds (dv).
+    `ctx.rebuild(sources)` recomputes the result from the saved weights alpha, bitwise (only the
+    weighted sum; mcore/read_recompute.py uses it).
+    """
 
     @staticmethod
     def forward(ctx, pseudo_query, key_norm_weight, eps, *sources):
         hidden, dtype = sources[0].shape[-1], _compute_dtype(sources[0].dtype)
         q_H = pseudo_query.to(dtype) * key_norm_weight.to(dtype)
-        inv_rms, dots = [], []
-        for src in sources:
-            v_TH = src.reshape(-1, hidden).to(dtype)
-            inv_rms.append(torch.rsqrt(v_TH.pow(2).mean(dim=-1) + eps))
-            dots.append(v_TH @ q_H)
-        inv_rms_NT = torch.stack(inv_rms)
-        dots_NT = torch.stack(dots)
+        values = [src.reshape(-1, hidden).to(dtype) for src in sources]
+        sumsq_NT = torch.stack([torch.linalg.vecdot(v_TH, v_TH) for v_TH in values])
+        dots_NT = torch.stack([v_TH @ q_H for v_TH in values])
+        inv_rms_NT = torch.rsqrt(sumsq_NT.div_(hidden).add_(eps))
         alpha_NT = torch.softmax(inv_rms_NT * dots_NT, dim=0)
-        # Accumulate left to right so that equal weights reproduce the plain mean exactly.
-        out_TH = alpha_NT[0].unsqueeze(-1) * sources[0].reshape(-1, hidden).to(dtype)
-        for j in range(1, len(sources)):
-            out_TH = out_TH + alpha_NT[j].unsqueeze(-1) * sources[j].reshape(-1, hidden).to(dtype)
         ctx.save_for_backward(
             pseudo_query, key_norm_weight, inv_rms_NT, dots_NT, alpha_NT, *sources
         )
-        return out_TH.reshape(sources[0].shape).to(sources[0].dtype)
+        ctx.rebuild = partial(weighted_sum, alpha_NT)
+        return _weighted_sum(alpha_NT, values, sources[0])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -120,31 +122,47 @@ class LeanDepthRead(torch.autograd.Function):
         w_H, g_H = pseudo_query.to(dtype), key_norm_weight.to(dtype)
         q_H = w_H * g_H
         grad_TH = grad_out.reshape(-1, hidden).to(dtype)
+        values = [src.reshape(-1, hidden).to(dtype) for src in sources]
 
-        u_NT = torch.stack(
-            [torch.linalg.vecdot(src.reshape(-1, hidden).to(dtype), grad_TH) for src in sources]
-        )
+        u_NT = torch.stack([torch.linalg.vecdot(v_TH, grad_TH) for v_TH in values])
         dscore_NT = alpha_NT * (u_NT - (alpha_NT * u_NT).sum(dim=0, keepdim=True))
         coef_r_NT = dscore_NT * inv_rms_NT
         coef_v_NT = dscore_NT * dots_NT * inv_rms_NT.pow(3) / hidden
+        alpha_NT1, coef_r_NT1, coef_v_NT1 = (
+            c.unsqueeze(-1) for c in (alpha_NT, coef_r_NT, coef_v_NT)
+        )
 
         grad_sources = []
         dq_H = torch.zeros_like(q_H)
-        for j, src in enumerate(sources):
-            v_TH = src.reshape(-1, hidden).to(dtype)
-            dq_H += coef_r_NT[j] @ v_TH
+        for j, (src, v_TH) in enumerate(zip(sources, values, strict=True)):
+            dq_H.addmv_(v_TH.T, coef_r_NT[j])
             if ctx.needs_input_grad[3 + j]:
-                dv_TH = (
-                    alpha_NT[j].unsqueeze(-1) * grad_TH
-                    + coef_r_NT[j].unsqueeze(-1) * q_H
-                    - coef_v_NT[j].unsqueeze(-1) * v_TH
-                )
+                # dv_j = alpha_j G + (ds_j r_j) q - (ds_j t_j r_j^3 / H) v_j
+                dv_TH = torch.addcmul(coef_r_NT1[j] * q_H, alpha_NT1[j], grad_TH)
+                dv_TH.addcmul_(coef_v_NT1[j], v_TH, value=-1.0)
                 grad_sources.append(dv_TH.reshape(src.shape).to(src.dtype))
             else:
                 grad_sources.append(None)
         grad_w = (dq_H * g_H).to(pseudo_query.dtype) if ctx.needs_input_grad[0] else None
         grad_g = (dq_H * w_H).to(key_norm_weight.dtype) if ctx.needs_input_grad[1] else None
         return (grad_w, grad_g, None, *grad_sources)
+
+
+def _weighted_sum(alpha_NT, values, like):
+    """sum_j alpha_j v_j over [T, H] values in the compute dtype, accumulated left to right (so
+    that equal power-of-two weights give the plain mean bitwise), shaped and typed like `like`."""
+    out_TH = values[0] * alpha_NT[0].unsqueeze(-1)
+    for j in range(1, len(values)):
+        out_TH.addcmul_(alpha_NT[j].unsqueeze(-1), values[j])
+    return out_TH.reshape(like.shape).to(like.dtype)
+
+
+def weighted_sum(alpha_NT: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The depth read's result from its weights: bitwise what `LeanDepthRead.forward` returned
+    for the same sources (the same ops in the same order)."""
+    hidden, dtype = sources[0].shape[-1], _compute_dtype(sources[0].dtype)
+    values = [src.reshape(-1, hidden).to(dtype) for src in sources]
+    return _weighted_sum(alpha_NT, values, sources[0])
 
 
 def depth_read(

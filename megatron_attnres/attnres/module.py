@@ -1,6 +1,7 @@
 """`DepthAttention`: the learned parameters of one depth read (DESIGN section 3)."""
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -40,6 +41,16 @@ class DepthAttention(nn.Module):
             return sources[0]
         read = self.read_fn if self.lean else depth_read_reference
         return read(sources, self.pseudo_query, self.key_norm_weight, self.eps)
+
+    def recompute_fn(self, sources: Sequence[torch.Tensor], result: torch.Tensor):
+        """A function that computes `result` (this read's output over `sources`) again, bitwise:
+        the weighted sum from the weights the read kept (`ctx.rebuild` of `LeanDepthRead` and
+        of the CPU kernel's read), or else the whole read. It holds the sources and those
+        weights, never `result` itself."""
+        rebuild = getattr(result.grad_fn, "rebuild", None)
+        if rebuild is not None:
+            return partial(rebuild, list(sources))
+        return partial(self.forward, list(sources))
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, eps={self.eps}, lean={self.lean}"

@@ -127,14 +127,19 @@ def random_batch(run: RunConfig, vocab: int, micro: int, seed: int = 0) -> list[
 
 
 def saved_activation_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes of distinct storages autograd saves during one forward, parameters excluded."""
+    """Bytes of distinct storages autograd saves during one forward, parameters excluded.
+
+    Every saved tensor is held until the count is done: a storage freed during the forward
+    could otherwise hand its address to a later one and be counted once for both (the count
+    then depended on the allocator's reuse, i.e. on what ran before)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
+    saved, held = {}, []
 
     def pack(tensor):
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+            held.append(tensor)
         return tensor
 
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)

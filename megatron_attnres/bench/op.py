@@ -4,6 +4,8 @@ Implementations, timed in the same run (ratios are to the PyTorch reference):
 - lean:      attnres.depth_read (LeanDepthRead, our memory-lean autograd function)
 - reference: attnres.depth_read_reference (stacks the sources; plain autograd)
 - compiled:  torch.compile of the reference (skipped with the reason if compilation fails)
+- cpu_kernel: megatron_attnres.kernels.depth_read_cpu (the C kernel the model uses on CPU), on
+  CPU only, when it builds
 - triton:    megatron_attnres.kernels.depth_read_triton, on CUDA only, if present
 - flash_attn_res, fast_attnres: external packages (optional; never dependencies), on CUDA only:
   reported as "not installed" when absent; no adapter to their APIs is written yet.
@@ -52,6 +54,13 @@ def implementations(device: str, compile: bool = True) -> tuple[dict, dict]:
     else:
         impls["compiled"] = torch.compile(depth_read_reference, dynamic=False)
     if device != "cuda":
+        from megatron_attnres.kernels import depth_read_cpu
+
+        why = depth_read_cpu.unavailable_reason()
+        if why is None:
+            impls["cpu_kernel"] = depth_read_cpu.cpu_depth_read
+        else:
+            skipped["cpu_kernel"] = why
         for name in ("triton", "flash_attn_res", "fast_attnres"):
             skipped[name] = "CUDA only"
         return impls, skipped
@@ -60,6 +69,7 @@ def implementations(device: str, compile: bool = True) -> tuple[dict, dict]:
         skipped["triton"] = why
     else:
         impls["triton"] = fn
+    skipped["cpu_kernel"] = "CPU only"
     for name in ("flash_attn_res", "fast_attnres"):
         if importlib.util.find_spec(name) is None:
             skipped[name] = "not installed"

@@ -48,6 +48,11 @@ from dataclasses import dataclass
 import torch
 
 from megatron_attnres.attnres.depth_read import _check_sources, depth_read
+from megatron_attnres.kernels.depth_read_cpu import (
+    cpu_depth_read,
+    cpu_kernel_available,
+    unavailable_reason,
+)
 
 try:
     import triton
@@ -56,7 +61,7 @@ except ImportError:  # pragma: no cover - triton is a dependency of megatron-cor
     triton = tl = None
 
 ENV_SWITCH = "ATTNRES_DEPTH_READ"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 MAX_HIDDEN = 16384
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -321,8 +326,20 @@ def depth_read_auto(
     key_norm_weight: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """The model's depth read: the fused kernel where `fused_depth_read_available` says so, the
-    PyTorch `LeanDepthRead` otherwise (`DepthAttention(..., read_fn=depth_read_auto)`)."""
+    """The model's depth read (`DepthAttention(..., read_fn=depth_read_auto)`): the fused Triton
+    kernel where `fused_depth_read_available` says so, else on CPU the C kernel
+    (kernels/depth_read_cpu.py) for fp32 sources, else the PyTorch `LeanDepthRead`."""
     if fused_depth_read_available(sources[0]):
         return fused_depth_read(sources, pseudo_query, key_norm_weight, eps)
+    backend = depth_read_backend()
+    if backend in ("auto", "cpu"):
+        if cpu_kernel_available(sources[0]):
+            return cpu_depth_read(sources, pseudo_query, key_norm_weight, eps)
+        if backend == "cpu":
+            why = unavailable_reason() or "it needs fp32 CPU tensors"
+            raise RuntimeError(
+                f"{ENV_SWITCH}=cpu but the CPU kernel cannot run on {sources[0].dtype} "
+                f"{sources[0].device} sources ({why}); set {ENV_SWITCH}=auto to fall back to "
+                "PyTorch"
+            )
     return depth_read(sources, pseudo_query, key_norm_weight, eps)

@@ -25,7 +25,11 @@ from torch import nn
 from megatron_attnres.attnres.module import DepthAttention
 from megatron_attnres.kernels.depth_read_triton import depth_read_auto
 from megatron_attnres.mcore.pipeline import pack_summaries, unpack_summaries
-from megatron_attnres.mcore.read_recompute import recomputed_read_result
+from megatron_attnres.mcore.read_recompute import (
+    ReadResultScope,
+    entry_module,
+    recomputed_read_result,
+)
 
 
 class AttnResHybridStack(HybridStack):
@@ -53,10 +57,20 @@ class AttnResHybridStack(HybridStack):
             read = partial_fn(DepthAttention, read_fn=depth_read_auto)
             self.depth_reads = nn.ModuleList(read(hidden, eps) for _ in self.layers)
             self.output_read = read(hidden, eps) if self.post_process else None
+            # Read-result recomputation scoped to each layer's pre-norm (read_recompute.py).
+            self._read_scopes = [self._scope_for(entry_module(layer)) for layer in self.layers]
             for param in self._attnres_parameters():
                 # Replicated across TP; under sequence parallelism each rank sees its own tokens,
                 # so finalize_model_grads must all-reduce these grads like LayerNorm weights.
                 param.sequence_parallel = bool(config.sequence_parallel)
+
+    @staticmethod
+    def _scope_for(entry):
+        if entry is None:
+            return None
+        scope = ReadResultScope()
+        scope.attach(entry)
+        return scope
 
     def _summaries_received(self) -> int:
         if self.pre_process or not self.schedule.uses_depth_reads:
@@ -136,11 +150,13 @@ class AttnResHybridStack(HybridStack):
 
     def _forward_depth_attention(self, completed, layer_kwargs):
         partial = None
-        for read, layer in zip(self.depth_reads, self.layers, strict=True):
+        for read, layer, scope in zip(self.depth_reads, self.layers, self._read_scopes,
+                                      strict=True):  # fmt: skip
             if self.schedule.starts_block(layer.layer_number) and partial is not None:
                 completed, partial = [*completed, partial], None
             sources = completed if partial is None else [*completed, partial]
-            y = self._after_read(read, sources, partial_fn(_raw_output, layer, **layer_kwargs))
+            consumer = partial_fn(_raw_output, layer, **layer_kwargs)
+            y = self._after_read(read, sources, consumer, scope)
             partial = y if partial is None else partial + y
         if partial is not None:
             completed = [*completed, partial]  # stages end at depth-block boundaries
@@ -150,15 +166,18 @@ class AttnResHybridStack(HybridStack):
             return self.output_read(completed)
         return self._after_read(self.output_read, completed, self.final_norm)
 
-    def _after_read(self, read, sources, consumer):
+    def _after_read(self, read, sources, consumer, scope=None):
         """consumer(read(sources)); the read's result is not among what the consumer (a
         sublayer, or the final norm) saves for backward but rebuilt from the sources then
         (read_recompute.py), unless attn_res_recompute_read is off or the read is the identity.
-        read.forward skips the diagnostics hooks a second call would trigger."""
+        With a `scope` only the sublayer's pre-norm saves under the recomputation hooks."""
         x = read(sources)
-        if len(sources) == 1 or not self.config.attn_res_recompute_read:
+        if len(sources) == 1 or not self.config.attn_res_recompute_read or not x.requires_grad:
             return consumer(x)
-        with recomputed_read_result(x, partial_fn(read.forward, sources)):
+        recompute = read.recompute_fn(sources, x)
+        if scope is not None:
+            return scope.run(x, recompute, partial_fn(consumer, x))
+        with recomputed_read_result(x, recompute):
             return consumer(x)
 
     def _stage_payload(self, completed, inherited, microbatch):

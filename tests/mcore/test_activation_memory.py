@@ -1,33 +1,19 @@
-"""Saved-activation bytes of one forward: AttnRes minus the standard residual equals the
-documented analytic overhead (DepthBlockSchedule.saved_activation_overhead_bytes), with the read
-results recomputed in backward (the default) and kept; recomputing changes no gradient."""
+"""Saved-activation bytes of one forward (bench/model_step.py's count): AttnRes minus the
+standard residual equals the documented analytic overhead
+(DepthBlockSchedule.saved_activation_overhead_bytes), with the read results recomputed in
+backward (the default) and kept; recomputing changes no gradient."""
 
 import pytest
 import torch
 
+from megatron_attnres.attnres.module import DepthAttention
 from megatron_attnres.attnres.reference import ReferenceConfig
+from megatron_attnres.bench.model_step import saved_activation_bytes
 from megatron_attnres.mcore.model import build_model
 from megatron_attnres.mcore.reference_mapping import megatron_config, reference_pattern
 
 pytestmark = pytest.mark.mcore
 VOCAB, SEQ, BATCH = 128, 64, 2
-
-
-def saved_activation_bytes(model, tokens) -> int:
-    """Bytes of distinct storages autograd saves during one forward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, positions, None)
-    return sum(saved.values())
 
 
 def model_for(mode: str, layers_per_block: int, recompute_read: bool = True):
@@ -60,11 +46,22 @@ def test_saved_bytes_overhead_matches_the_analytic_formula(mode, layers_per_bloc
 
 
 @pytest.mark.parametrize(("mode", "layers_per_block"), [("block", 2), ("full", 1)])
-def test_recomputed_read_results_give_bitwise_the_same_gradients(mode, layers_per_block):
+def test_recomputed_read_results_give_bitwise_the_same_gradients(
+    mode, layers_per_block, monkeypatch
+):
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
     positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
-    grads, counts = {}, {}
+    grads, counts, rebuilt = {}, {}, {}
+    rebuilds = []
+    recompute_fn = DepthAttention.recompute_fn
+
+    def counted(self, sources, result):
+        rebuild = recompute_fn(self, sources, result)
+        return lambda: rebuilds.append(1) or rebuild()
+
+    monkeypatch.setattr(DepthAttention, "recompute_fn", counted)
     for recompute in (False, True):
+        rebuilds.clear()
         torch.manual_seed(0)
         _, model = model_for(mode, layers_per_block, recompute)
         with torch.no_grad():  # non-trivial depth attention, so every read matters
@@ -76,10 +73,13 @@ def test_recomputed_read_results_give_bitwise_the_same_gradients(mode, layers_pe
             read.read_fn = lambda *a, _f=read.read_fn, _c=calls, **k: _c.append(1) or _f(*a, **k)
         model(tokens, positions, None).float().square().mean().backward()
         grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        counts[recompute] = len(calls)
+        counts[recompute], rebuilt[recompute] = len(calls), len(rebuilds)
     assert grads[True].keys() == grads[False].keys()
     for name in grads[True]:
         assert torch.equal(grads[True][name], grads[False][name]), name
-    # Every read with 2+ sources ran once more, in backward (the first sublayer's is the identity).
+    # Every sublayer read with 2+ sources ran once, and its result was rebuilt once more in
+    # backward from the read's weights (the first sublayer's read is the identity), as was the
+    # output read's in front of the final norm.
     reads = len(model.decoder.depth_reads) - 1
-    assert counts[False] == reads and counts[True] == 2 * reads
+    assert counts[False] == counts[True] == reads
+    assert rebuilt[False] == 0 and rebuilt[True] == reads + 1

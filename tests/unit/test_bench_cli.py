@@ -38,7 +38,7 @@ def test_op_quick_times_every_cpu_implementation_against_the_reference(capsys, t
     text = capsys.readouterr().out
     assert "speed-up vs reference" in text and "CPU ratios" in text
     records = json.loads(out.read_text())["op"]["results"]
-    assert {r["impl"] for r in records} == {"lean", "reference"}
+    assert {r["impl"] for r in records} == {"lean", "reference", "cpu_kernel"}
     assert {r["pass_"] for r in records} == {"fwd", "fwd+bwd"}
     for r in records:
         assert r["ms"] > 0 and r["vs_reference"] > 0

@@ -1,0 +1,125 @@
+/* Fused depth read for CPU, fp32 (megatron_attnres/kernels/depth_read_cpu.py builds and loads it).
+ *
+ * The math is LeanDepthRead's (attnres/depth_read.py, DESIGN section 3). Per token row t and
+ * source j (v_j = sources[j] + t * H, N sources, hidden H):
+ *     r_j = 1 / sqrt(mean(v_j^2) + eps),  t_j = v_j . q,  alpha = softmax_j(r_j t_j)
+ *     out = sum_j alpha_j v_j                                  (accumulated in source order)
+ * backward, with G the output gradient row:
+ *     u_j = v_j . G,  ubar = sum_j alpha_j u_j,  ds_j = alpha_j (u_j - ubar)
+ *     dv_j = alpha_j G + (ds_j r_j) q - (ds_j t_j r_j^3 / H) v_j,  dq += (ds_j r_j) v_j
+ * One pass over each row of every source per direction (the row is re-read from cache for the
+ * second loop). Single-threaded: the calls are small (see depth_read_cpu.py).
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* `omp simd reduction` (with -fopenmp-simd: no OpenMP runtime) lets the compiler vectorise these
+ * sums, i.e. add in lanes rather than strictly left to right. */
+static float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t h = 0; h < n; ++h) s += a[h] * b[h];
+    return s;
+}
+
+/* Both v . v and v . q in one pass over v. */
+static void dot2(const float *restrict v, const float *restrict q, int64_t n, float *vv,
+                 float *vq) {
+    float sv = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sv, sq)
+    for (int64_t h = 0; h < n; ++h) {
+        sv += v[h] * v[h];
+        sq += v[h] * q[h];
+    }
+    *vv = sv;
+    *vq = sq;
+}
+
+/* out[t] = sum_j alpha[j, t] v_j[t]; shared by the forward and the recomputation, so that a
+ * recomputed result is bitwise the first one. */
+void attnres_weighted_sum(const float *const *sources, int64_t n, int64_t tokens, int64_t hidden,
+                          const float *alpha, float *out) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        float *restrict o = out + t * hidden;
+        const float a0 = alpha[t];
+        const float *restrict v0 = sources[0] + t * hidden;
+        for (int64_t h = 0; h < hidden; ++h) o[h] = a0 * v0[h];
+        for (int64_t j = 1; j < n; ++j) {
+            const float a = alpha[j * tokens + t];
+            const float *restrict v = sources[j] + t * hidden;
+            for (int64_t h = 0; h < hidden; ++h) o[h] += a * v[h];
+        }
+    }
+}
+
+/* inv_rms, dots, alpha: [n, tokens]; out: [tokens, hidden]. */
+void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t tokens,
+                            int64_t hidden, const float *q, float eps, float *out,
+                            float *inv_rms, float *dots, float *alpha) {
+    for (int64_t t = 0; t < tokens; ++t) {
+        float best = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+            const float *v = sources[j] + t * hidden;
+            float vv, d;
+            dot2(v, q, hidden, &vv, &d);
+            const float r = 1.0f / sqrtf(vv / (float)hidden + eps);
+            inv_rms[j * tokens + t] = r;
+            dots[j * tokens + t] = d;
+            alpha[j * tokens + t] = r * d; /* the score, until normalised below */
+            if (r * d > best) best = r * d;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            const float e = expf(alpha[j * tokens + t] - best);
+            alpha[j * tokens + t] = e;
+            total += e;
+        }
+        for (int64_t j = 0; j < n; ++j) alpha[j * tokens + t] /= total;
+    }
+    attnres_weighted_sum(sources, n, tokens, hidden, alpha, out);
+}
+
+/* grads[j] may be NULL (no gradient wanted for source j). dq: [hidden] float64, accumulated
+ * into (the caller zeroes it); partial sums over FLUSH tokens are kept in fp32 and then added in
+ * fp64, so that long sequences do not lose dq's small terms. */
+#define FLUSH 64
+void attnres_depth_read_bwd(const float *const *sources, float *const *grads, int64_t n,
+                            int64_t tokens, int64_t hidden, const float *q, const float *grad_out,
+                            const float *inv_rms, const float *dots, const float *alpha,
+                            double *dq) {
+    float u[n > 0 ? n : 1];
+    float dq_part[hidden > 0 ? hidden : 1];
+    for (int64_t h = 0; h < hidden; ++h) dq_part[h] = 0.0f;
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *g = grad_out + t * hidden;
+        float ubar = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            u[j] = dot(sources[j] + t * hidden, g, hidden);
+            ubar += alpha[j * tokens + t] * u[j];
+        }
+        for (int64_t j = 0; j < n; ++j) {
+            const int64_t k = j * tokens + t;
+            const float a = alpha[k], r = inv_rms[k];
+            const float ds = a * (u[j] - ubar);
+            const float coef_r = ds * r;
+            const float coef_v = ds * dots[k] * r * r * r / (float)hidden;
+            const float *restrict v = sources[j] + t * hidden;
+            float *restrict part = dq_part;
+            if (grads[j] != 0) {
+                float *restrict dv = grads[j] + t * hidden;
+                for (int64_t h = 0; h < hidden; ++h) {
+                    dv[h] = a * g[h] + coef_r * q[h] - coef_v * v[h];
+                    part[h] += coef_r * v[h];
+                }
+            } else {
+                for (int64_t h = 0; h < hidden; ++h) part[h] += coef_r * v[h];
+            }
+        }
+        if ((t + 1) % FLUSH == 0 || t + 1 == tokens) {
+            for (int64_t h = 0; h < hidden; ++h) {
+                dq[h] += (double)dq_part[h];
+                dq_part[h] = 0.0f;
+            }
+        }
+    }
+}

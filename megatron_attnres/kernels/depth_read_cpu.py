@@ -1,0 +1,187 @@
+"""Fused depth read on CPU: a small C kernel (`depth_read_cpu.c`) behind `LeanDepthRead`'s math.
+
+Why: on CPU the PyTorch `LeanDepthRead` is a few dozen small ops per read, each paying dispatch
+overhead and its own pass over memory; at the shapes CPU runs use (the tiny config: 1024 tokens
+x hidden 64) that made a depth read cost as much as a tenth of a sublayer. torch.compile of the
+same math was measured at under 2x faster with 10-15 s of compilation per source count; this
+kernel makes one pass over each source row per direction (docs/benchmarks.md has the numbers).
+
+Build: compiled on first use with the system C compiler (`cc`, or $CC) into the cache directory
+($ATTNRES_KERNEL_CACHE, default ~/.cache/megatron_attnres/kernels), keyed by the source's hash,
+written atomically so that ranks starting together do not race; about a second. No compiler, or
+a failed build, means the PyTorch op is used instead, with one warning saying why. Only fp32
+CPU tensors use it (other dtypes take the PyTorch op). The flags are portable (-O3
+-fopenmp-simd, no -march), so a cache shared by different machines is safe.
+
+Dispatch: `depth_read_auto` (kernels/depth_read_triton.py) uses it for CPU tensors under
+ATTNRES_DEPTH_READ=auto (the default) or =cpu; =torch forces the PyTorch op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from megatron_attnres.attnres.depth_read import _check_sources
+
+SOURCE = Path(__file__).with_name("depth_read_cpu.c")
+FLAGS = ("-O3", "-fopenmp-simd", "-std=c99", "-shared", "-fPIC")
+_state: dict = {}  # "lib": the loaded library or None, "reason": why not
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNRES_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "megatron_attnres" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build_library() -> Path:
+    """Compile the kernel (if not cached) and return the shared library's path; raises
+    RuntimeError naming the compiler and its error output when the build fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    code = SOURCE.read_bytes()
+    key = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"depth_read_cpu-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        done = subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({done.returncode}): {done.stderr[-2000:]}")
+        os.replace(built, target)  # atomic: concurrent builders leave one complete file
+    return target
+
+
+def _library():
+    if "lib" not in _state:
+        try:
+            lib = ctypes.CDLL(str(build_library()))
+        except (OSError, RuntimeError) as error:
+            _state.update(lib=None, reason=str(error))
+            warnings.warn(
+                f"the CPU depth-read kernel is unavailable ({error}); using the PyTorch op",
+                stacklevel=3,
+            )
+        else:
+            i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+            lib.attnres_depth_read_fwd.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
+            lib.attnres_weighted_sum.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+            lib.attnres_depth_read_bwd.argtypes = [ptr, ptr, i64, i64, i64, *[ptr] * 6]
+            for fn in (lib.attnres_depth_read_fwd, lib.attnres_weighted_sum,
+                       lib.attnres_depth_read_bwd):  # fmt: skip
+                fn.restype = None
+            _state.update(lib=lib, reason=None)
+    return _state["lib"]
+
+
+def cpu_kernel_available(tensor: torch.Tensor) -> bool:
+    """Whether sources like `tensor` can use the kernel: fp32 on CPU, and the kernel built."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    _library()
+    return _state["reason"]
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None
+                                              for t in tensors])  # fmt: skip
+
+
+def _rows(sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [src.contiguous() for src in sources]
+
+
+def cpu_weighted_sum(alpha_NT: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_j alpha_j v_j with the forward's own loop: bitwise the result `CpuDepthRead` returned
+    for these sources and weights (the read-result recomputation uses it)."""
+    rows = _rows(sources)
+    out = torch.empty_like(rows[0])
+    tokens, hidden = alpha_NT.shape[1], rows[0].shape[-1]
+    _library().attnres_weighted_sum(_pointers(rows), len(rows), tokens, hidden,
+                                    alpha_NT.data_ptr(), out.data_ptr())  # fmt: skip
+    return out
+
+
+class CpuDepthRead(torch.autograd.Function):
+    """The depth read through the C kernel; saves what `LeanDepthRead` saves (source references
+    and three fp32 scalars per source and token) and keeps `ctx.rebuild` (the weighted sum from
+    the saved weights) for the read-result recomputation (mcore/read_recompute.py)."""
+
+    @staticmethod
+    def forward(ctx, pseudo_query, key_norm_weight, eps, *sources):
+        rows = _rows(sources)
+        num, hidden = len(rows), rows[0].shape[-1]
+        tokens = rows[0].numel() // hidden
+        q_H = (pseudo_query.float() * key_norm_weight.float()).contiguous()
+        out = torch.empty_like(rows[0])
+        stats = torch.empty(3, num, tokens)  # inverse rms, dots, alpha
+        inv_rms_NT, dots_NT, alpha_NT = stats.unbind(0)
+        _library().attnres_depth_read_fwd(
+            _pointers(rows), num, tokens, hidden, q_H.data_ptr(), eps, out.data_ptr(),
+            inv_rms_NT.data_ptr(), dots_NT.data_ptr(), alpha_NT.data_ptr(),
+        )  # fmt: skip
+        ctx.save_for_backward(pseudo_query, key_norm_weight, stats, *rows)
+        ctx.rebuild = partial(cpu_weighted_sum, alpha_NT)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pseudo_query, key_norm_weight, stats, *rows = ctx.saved_tensors
+        num, hidden = len(rows), rows[0].shape[-1]
+        tokens = rows[0].numel() // hidden
+        w_H, g_H = pseudo_query.float(), key_norm_weight.float()
+        q_H = (w_H * g_H).contiguous()
+        grad_out = grad_out.contiguous()
+        needs = ctx.needs_input_grad
+        grads = [torch.empty_like(r) if needs[3 + j] else None for j, r in enumerate(rows)]
+        dq_H = torch.zeros(hidden, dtype=torch.float64)
+        inv_rms_NT, dots_NT, alpha_NT = stats.unbind(0)
+        _library().attnres_depth_read_bwd(
+            _pointers(rows), _pointers(grads), num, tokens, hidden, q_H.data_ptr(),
+            grad_out.data_ptr(), inv_rms_NT.data_ptr(), dots_NT.data_ptr(), alpha_NT.data_ptr(),
+            dq_H.data_ptr(),
+        )  # fmt: skip
+        dq_H = dq_H.float()
+        grad_w = (dq_H * g_H).to(pseudo_query.dtype) if needs[0] else None
+        grad_g = (dq_H * w_H).to(key_norm_weight.dtype) if needs[1] else None
+        return (grad_w, grad_g, None, *grads)
+
+
+def cpu_depth_read(
+    sources: Sequence[torch.Tensor],
+    pseudo_query: torch.Tensor,
+    key_norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The depth read through the CPU kernel (fp32 CPU sources; check `cpu_kernel_available`)."""
+    _check_sources(sources, pseudo_query)
+    return CpuDepthRead.apply(pseudo_query, key_norm_weight, float(eps), *sources)
