@@ -35,24 +35,28 @@ static void dot2(const float *restrict v, const float *restrict q, int64_t n, fl
     *vq = sq;
 }
 
-/* out[t] = sum_j alpha[j, t] v_j[t]; shared by the forward and the recomputation, so that a
- * recomputed result is bitwise the first one. */
-void attnres_weighted_sum(const float *const *sources, int64_t n, int64_t tokens, int64_t hidden,
-                          const float *alpha, float *out) {
-    for (int64_t t = 0; t < tokens; ++t) {
-        float *restrict o = out + t * hidden;
-        const float a0 = alpha[t];
-        const float *restrict v0 = sources[0] + t * hidden;
-        for (int64_t h = 0; h < hidden; ++h) o[h] = a0 * v0[h];
-        for (int64_t j = 1; j < n; ++j) {
-            const float a = alpha[j * tokens + t];
-            const float *restrict v = sources[j] + t * hidden;
-            for (int64_t h = 0; h < hidden; ++h) o[h] += a * v[h];
-        }
+/* Row t of out = sum_j alpha[j, t] v_j[t], accumulated in source order. The forward and the
+ * recomputation both use it, so a recomputed result is bitwise the first one. */
+static void weighted_row(const float *const *sources, int64_t n, int64_t tokens, int64_t hidden,
+                         const float *alpha, int64_t t, float *restrict o) {
+    const float a0 = alpha[t];
+    const float *restrict v0 = sources[0] + t * hidden;
+    for (int64_t h = 0; h < hidden; ++h) o[h] = a0 * v0[h];
+    for (int64_t j = 1; j < n; ++j) {
+        const float a = alpha[j * tokens + t];
+        const float *restrict v = sources[j] + t * hidden;
+        for (int64_t h = 0; h < hidden; ++h) o[h] += a * v[h];
     }
 }
 
-/* inv_rms, dots, alpha: [n, tokens]; out: [tokens, hidden]. */
+void attnres_weighted_sum(const float *const *sources, int64_t n, int64_t tokens, int64_t hidden,
+                          const float *alpha, float *out) {
+    for (int64_t t = 0; t < tokens; ++t)
+        weighted_row(sources, n, tokens, hidden, alpha, t, out + t * hidden);
+}
+
+/* inv_rms, dots, alpha: [n, tokens]; out: [tokens, hidden]. Row by row, so that the second
+ * pass over a row (the weighted sum) reads it from cache. */
 void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t tokens,
                             int64_t hidden, const float *q, float eps, float *out,
                             float *inv_rms, float *dots, float *alpha) {
@@ -75,8 +79,8 @@ void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t toke
             total += e;
         }
         for (int64_t j = 0; j < n; ++j) alpha[j * tokens + t] /= total;
+        weighted_row(sources, n, tokens, hidden, alpha, t, out + t * hidden);
     }
-    attnres_weighted_sum(sources, n, tokens, hidden, alpha, out);
 }
 
 /* grads[j] may be NULL (no gradient wanted for source j). dq: [hidden] float64, accumulated
