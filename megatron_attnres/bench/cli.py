@@ -2,7 +2,7 @@
 
     attnres-bench cost [--config configs/kimi_linear_48b_attnres.yaml]
     attnres-bench op [--device cpu|cuda] [--quick] [--no-compile]
-    attnres-bench model [--device ...] [--config configs/tiny.yaml] [--steps 20] [--peak-tflops X]
+    attnres-bench model [--device ...] [--config configs/tiny.yaml] [--steps 40] [--peak-tflops X]
     attnres-bench inference [--device ...] [--quick]
     attnres-bench all --device cuda --output results.json     # everything, one command
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run config (cost: default the 48B AttnRes shape; "
         "model/inference: default configs/tiny.yaml)",
     )
-    parser.add_argument("--steps", type=int, default=20, help="model: timed steps per mode")
+    parser.add_argument("--steps", type=int, default=40, help="model: timed steps per mode")
     parser.add_argument("--peak-tflops", type=float, help="model: per-device peak, for MFU")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -79,6 +79,20 @@ def median_seconds(fn, device: str, warmup: int = 2, reps: int = 5) -> float:
 def interleaved_medians(fns: dict, device: str, warmup: int, reps: int) -> dict[str, float]:
     """Median time of each of `fns`, run in turn A B A B ... so that load from other processes
     falls on all of them alike."""
+    times = interleaved_times(fns, device, warmup, reps)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of times[name][i] / times[baseline][i]: each ratio compares two runs
+    taken one after the other, so that slow drifts of a shared machine's speed cancel (on a
+    noisy CPU the ratio of two medians moves by several percent between runs)."""
+    pairs = zip(times[name], times[baseline], strict=True)
+    return statistics.median(a / b for a, b in pairs)
+
+
+def interleaved_times(fns: dict, device: str, warmup: int, reps: int) -> dict[str, list[float]]:
+    """The seconds of every timed run of each of `fns`, run in turn A B A B ..."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -90,7 +104,7 @@ def interleaved_medians(fns: dict, device: str, warmup: int, reps: int) -> dict[
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:

@@ -15,6 +15,7 @@ megatron_attnres.bench.model_step --config ... --pp 2 --output out.json`; `run_r
 import argparse
 import dataclasses
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_attnres.bench.common import interleaved_medians
+from megatron_attnres.bench.common import interleaved_times, paired_ratio
 from megatron_attnres.mcore.compat import (
     activate_cpu_compat,
     cpu_compat_needed,
@@ -173,7 +174,8 @@ def measure(run: RunConfig, steps: int, warmup: int, peak_tflops: float | None) 
         models[mode] = (chunks, config)
         steppers[mode] = lambda c=chunks, o=optimizer: train_step(c, o, batch)
     on_gpu = torch.cuda.is_available()
-    times = interleaved_medians(steppers, "cuda" if on_gpu else "cpu", warmup, steps)
+    runs = interleaved_times(steppers, "cuda" if on_gpu else "cpu", warmup, steps)
+    times = {mode: statistics.median(values) for mode, values in runs.items()}
     tokens = run.global_batch_size * run.seq_length
     for mode, (_, config) in models.items():
         schedule = config.depth_block_schedule()
@@ -188,6 +190,7 @@ def measure(run: RunConfig, steps: int, warmup: int, peak_tflops: float | None) 
             tflops=tflops,
             mfu=tflops / (peak_tflops * ranks) if peak_tflops else None,
         )
+    results["block"]["paired_ratio_vs_none"] = paired_ratio(runs, "block", "none")
     if on_gpu:
         for mode, step in steppers.items():
             results[mode]["step_peak_memory_bytes"] = step_peak_memory(step)

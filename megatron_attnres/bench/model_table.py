@@ -33,6 +33,7 @@ def print_model_tables(results: dict, device: str) -> None:
         saved = _memory(block)
         results[f"pp{pp}"]["ratios"] = ratios = dict(
             step_time=block["step_s"] / none["step_s"],
+            step_time_paired=block.get("paired_ratio_vs_none"),
             memory=saved / _memory(none) if saved else None,
         )
         rows.append(
@@ -45,9 +46,12 @@ def print_model_tables(results: dict, device: str) -> None:
                 ratios["memory"],
             ]
         )
+        if ratios["step_time_paired"] is not None:
+            rows.append([f"PP={pp}", "block / none, paired", ratios["step_time_paired"], None,
+                         None, None])  # fmt: skip
     text = table(
         f"model: {results['config']}, median of {results['steps']} steps after "
-        f"{results['warmup']} (modes interleaved)",
+        f"{results['warmup']} (modes interleaved; 'paired' = median of the per-round ratios)",
         ["layout", "mode", "step ms (ratio)", "tokens/s (ratio)", "MFU", memory_kind],
         rows,
     )

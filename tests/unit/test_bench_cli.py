@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_attnres.bench.cli import main
+from megatron_attnres.bench.common import paired_ratio
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +44,11 @@ def test_op_quick_times_every_cpu_implementation_against_the_reference(capsys, t
     for r in records:
         assert r["ms"] > 0 and r["vs_reference"] > 0
     assert all(r["vs_reference"] == 1.0 for r in records if r["impl"] == "reference")
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # Rounds where the machine ran slow (round 3) move both modes; the per-round ratios are
+    # 2, 1.5 and 2.5, their median 2, while the ratio of the medians would be 3 / 2 = 1.5.
+    times = {"block": [2.0, 3.0, 10.0], "none": [1.0, 2.0, 4.0]}
+    assert paired_ratio(times, "block", "none") == 2.0
+    assert paired_ratio(times, "none", "none") == 1.0
