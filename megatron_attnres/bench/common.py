@@ -77,8 +77,7 @@ def median_seconds(fn, device: str, warmup: int = 2, reps: int = 5) -> float:
 
 
 def interleaved_medians(fns: dict, device: str, warmup: int, reps: int) -> dict[str, float]:
-    """Median time of each of `fns`, run in turn A B A B ... so that load from other processes
-    falls on all of them alike."""
+    """Median time of each of `fns`, run interleaved (`interleaved_times`)."""
     times = interleaved_times(fns, device, warmup, reps)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -92,13 +91,17 @@ def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
 
 
 def interleaved_times(fns: dict, device: str, warmup: int, reps: int) -> dict[str, list[float]]:
-    """The seconds of every timed run of each of `fns`, run in turn A B A B ..."""
+    """The seconds of every timed run of each of `fns`, run in turn, in the listed order in even
+    rounds and reversed in odd ones (A B, B A, A B, ...): load from other processes falls on all
+    of them alike, and so does any cost of running first or last in a round (measured on a
+    shared CPU: two identical models differed by 3-5% in a fixed order)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_ in range(reps):
+        for name, fn in order if round_ % 2 == 0 else order[::-1]:
             sync(device)
             start = time.perf_counter()
             fn()

@@ -1,7 +1,7 @@
 """Model level: Block AttnRes vs the standard residual on the same config and layout.
 
 Both models are built with the trainer's own pieces (training/model_setup.py, engine.py:
-Megatron's HybridModel, DDP, optimizer, pipeline schedule) and stepped in turn, A B A B ..., so
+Megatron's HybridModel, DDP, optimizer, pipeline schedule) and stepped in turn, A B, B A, ..., so
 that load from other processes falls on both alike. Reported per mode: median step time after
 warm-up, tokens/s, MFU (with --peak-tflops), and memory: on GPU the peak CUDA allocation of one
 step above what was allocated before it (`step_peak_memory`); on CPU the saved-activation bytes
