@@ -55,11 +55,14 @@ void attnres_weighted_sum(const float *const *sources, int64_t n, int64_t tokens
         weighted_row(sources, n, tokens, hidden, alpha, t, out + t * hidden);
 }
 
-/* inv_rms, dots, alpha: [n, tokens]; out: [tokens, hidden]. Row by row, so that the second
- * pass over a row (the weighted sum) reads it from cache. */
+/* w, g: the pseudo-query and the key-norm gain, [hidden]; inv_rms, dots, alpha: [n, tokens];
+ * out: [tokens, hidden]. Row by row, so that the second pass over a row (the weighted sum)
+ * reads it from cache. */
 void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t tokens,
-                            int64_t hidden, const float *q, float eps, float *out,
+                            int64_t hidden, const float *w, const float *g, float eps, float *out,
                             float *inv_rms, float *dots, float *alpha) {
+    float q[hidden > 0 ? hidden : 1];
+    for (int64_t h = 0; h < hidden; ++h) q[h] = w[h] * g[h];
     for (int64_t t = 0; t < tokens; ++t) {
         float best = -INFINITY;
         for (int64_t j = 0; j < n; ++j) {
@@ -83,22 +86,28 @@ void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t toke
     }
 }
 
-/* grads[j] may be NULL (no gradient wanted for source j). dq: [hidden] float64, accumulated
- * into (the caller zeroes it); partial sums over FLUSH tokens are kept in fp32 and then added in
- * fp64, so that long sequences do not lose dq's small terms. */
+/* grads[j] may be NULL (no gradient wanted for source j); grad_w, grad_g: [hidden], written
+ * (dq * g and dq * w). dq = sum over tokens and sources of (ds_j r_j) v_j is accumulated in fp32
+ * over FLUSH tokens and those partial sums in fp64, so that long sequences do not lose its small
+ * terms. */
 #define FLUSH 64
 void attnres_depth_read_bwd(const float *const *sources, float *const *grads, int64_t n,
-                            int64_t tokens, int64_t hidden, const float *q, const float *grad_out,
-                            const float *inv_rms, const float *dots, const float *alpha,
-                            double *dq) {
-    float u[n > 0 ? n : 1];
-    float dq_part[hidden > 0 ? hidden : 1];
-    for (int64_t h = 0; h < hidden; ++h) dq_part[h] = 0.0f;
+                            int64_t tokens, int64_t hidden, const float *w, const float *g,
+                            const float *grad_out, const float *inv_rms, const float *dots,
+                            const float *alpha, float *grad_w, float *grad_g) {
+    const int64_t width = hidden > 0 ? hidden : 1;
+    float u[n > 0 ? n : 1], q[width], dq_part[width];
+    double dq[width];
+    for (int64_t h = 0; h < hidden; ++h) {
+        q[h] = w[h] * g[h];
+        dq_part[h] = 0.0f;
+        dq[h] = 0.0;
+    }
     for (int64_t t = 0; t < tokens; ++t) {
-        const float *g = grad_out + t * hidden;
+        const float *go = grad_out + t * hidden;
         float ubar = 0.0f;
         for (int64_t j = 0; j < n; ++j) {
-            u[j] = dot(sources[j] + t * hidden, g, hidden);
+            u[j] = dot(sources[j] + t * hidden, go, hidden);
             ubar += alpha[j * tokens + t] * u[j];
         }
         for (int64_t j = 0; j < n; ++j) {
@@ -112,7 +121,7 @@ void attnres_depth_read_bwd(const float *const *sources, float *const *grads, in
             if (grads[j] != 0) {
                 float *restrict dv = grads[j] + t * hidden;
                 for (int64_t h = 0; h < hidden; ++h) {
-                    dv[h] = a * g[h] + coef_r * q[h] - coef_v * v[h];
+                    dv[h] = a * go[h] + coef_r * q[h] - coef_v * v[h];
                     part[h] += coef_r * v[h];
                 }
             } else {
@@ -125,5 +134,10 @@ void attnres_depth_read_bwd(const float *const *sources, float *const *grads, in
                 dq_part[h] = 0.0f;
             }
         }
+    }
+    for (int64_t h = 0; h < hidden; ++h) {
+        const float d = (float)dq[h];
+        grad_w[h] = d * g[h];
+        grad_g[h] = d * w[h];
     }
 }

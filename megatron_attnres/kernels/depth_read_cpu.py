@@ -91,9 +91,9 @@ def _library():
             )
         else:
             i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-            lib.attnres_depth_read_fwd.argtypes = [ptr, i64, i64, i64, ptr, f32, ptr, ptr, ptr, ptr]
+            lib.attnres_depth_read_fwd.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, *[ptr] * 4]
             lib.attnres_weighted_sum.argtypes = [ptr, i64, i64, i64, ptr, ptr]
-            lib.attnres_depth_read_bwd.argtypes = [ptr, ptr, i64, i64, i64, *[ptr] * 6]
+            lib.attnres_depth_read_bwd.argtypes = [ptr, ptr, i64, i64, i64, *[ptr] * 8]
             for fn in (lib.attnres_depth_read_fwd, lib.attnres_weighted_sum,
                        lib.attnres_depth_read_bwd):  # fmt: skip
                 fn.restype = None
@@ -131,6 +131,10 @@ def cpu_weighted_sum(alpha_NT: torch.Tensor, sources: Sequence[torch.Tensor]) ->
     return out
 
 
+def _fp32(param: torch.Tensor) -> torch.Tensor:
+    return param if param.dtype == torch.float32 and param.is_contiguous() else param.float()
+
+
 class CpuDepthRead(torch.autograd.Function):
     """The depth read through the C kernel; saves what `LeanDepthRead` saves (source references
     and three fp32 scalars per source and token) and keeps `ctx.rebuild` (the weighted sum from
@@ -141,13 +145,13 @@ class CpuDepthRead(torch.autograd.Function):
         rows = _rows(sources)
         num, hidden = len(rows), rows[0].shape[-1]
         tokens = rows[0].numel() // hidden
-        q_H = (pseudo_query.float() * key_norm_weight.float()).contiguous()
+        w_H, g_H = _fp32(pseudo_query), _fp32(key_norm_weight)
         out = torch.empty_like(rows[0])
         stats = torch.empty(3, num, tokens)  # inverse rms, dots, alpha
         inv_rms_NT, dots_NT, alpha_NT = stats.unbind(0)
         _library().attnres_depth_read_fwd(
-            _pointers(rows), num, tokens, hidden, q_H.data_ptr(), eps, out.data_ptr(),
-            inv_rms_NT.data_ptr(), dots_NT.data_ptr(), alpha_NT.data_ptr(),
+            _pointers(rows), num, tokens, hidden, w_H.data_ptr(), g_H.data_ptr(), eps,
+            out.data_ptr(), inv_rms_NT.data_ptr(), dots_NT.data_ptr(), alpha_NT.data_ptr(),
         )  # fmt: skip
         ctx.save_for_backward(pseudo_query, key_norm_weight, stats, *rows)
         ctx.rebuild = partial(cpu_weighted_sum, alpha_NT)
@@ -158,21 +162,19 @@ class CpuDepthRead(torch.autograd.Function):
         pseudo_query, key_norm_weight, stats, *rows = ctx.saved_tensors
         num, hidden = len(rows), rows[0].shape[-1]
         tokens = rows[0].numel() // hidden
-        w_H, g_H = pseudo_query.float(), key_norm_weight.float()
-        q_H = (w_H * g_H).contiguous()
+        w_H, g_H = _fp32(pseudo_query), _fp32(key_norm_weight)
         grad_out = grad_out.contiguous()
         needs = ctx.needs_input_grad
         grads = [torch.empty_like(r) if needs[3 + j] else None for j, r in enumerate(rows)]
-        dq_H = torch.zeros(hidden, dtype=torch.float64)
+        grad_wg = torch.empty(2, hidden)
         inv_rms_NT, dots_NT, alpha_NT = stats.unbind(0)
         _library().attnres_depth_read_bwd(
-            _pointers(rows), _pointers(grads), num, tokens, hidden, q_H.data_ptr(),
-            grad_out.data_ptr(), inv_rms_NT.data_ptr(), dots_NT.data_ptr(), alpha_NT.data_ptr(),
-            dq_H.data_ptr(),
+            _pointers(rows), _pointers(grads), num, tokens, hidden, w_H.data_ptr(),
+            g_H.data_ptr(), grad_out.data_ptr(), inv_rms_NT.data_ptr(), dots_NT.data_ptr(),
+            alpha_NT.data_ptr(), grad_wg[0].data_ptr(), grad_wg[1].data_ptr(),
         )  # fmt: skip
-        dq_H = dq_H.float()
-        grad_w = (dq_H * g_H).to(pseudo_query.dtype) if needs[0] else None
-        grad_g = (dq_H * w_H).to(key_norm_weight.dtype) if needs[1] else None
+        grad_w = grad_wg[0].to(pseudo_query.dtype) if needs[0] else None
+        grad_g = grad_wg[1].to(key_norm_weight.dtype) if needs[1] else None
         return (grad_w, grad_g, None, *grads)
 
 

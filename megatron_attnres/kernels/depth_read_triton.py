@@ -320,6 +320,28 @@ def fused_depth_read(
     return FusedDepthRead.apply(pseudo_query, key_norm_weight, float(eps), launch, *sources)
 
 
+def _choose(tensor: torch.Tensor) -> str:
+    """'triton', 'cpu' or 'torch' for sources like `tensor` (raises where the switch demands a
+    backend that cannot run)."""
+    if fused_depth_read_available(tensor):
+        return "triton"
+    backend = depth_read_backend()
+    if backend in ("auto", "cpu"):
+        if cpu_kernel_available(tensor):
+            return "cpu"
+        if backend == "cpu":
+            why = unavailable_reason() or "it needs fp32 CPU tensors"
+            raise RuntimeError(
+                f"{ENV_SWITCH}=cpu but the CPU kernel cannot run on {tensor.dtype} "
+                f"{tensor.device} sources ({why}); set {ENV_SWITCH}=auto to fall back to "
+                "PyTorch"
+            )
+    return "torch"
+
+
+_CHOICES: dict = {}  # the decision per switch settings and source kind (a read runs per sublayer)
+
+
 def depth_read_auto(
     sources: Sequence[torch.Tensor],
     pseudo_query: torch.Tensor,
@@ -329,17 +351,14 @@ def depth_read_auto(
     """The model's depth read (`DepthAttention(..., read_fn=depth_read_auto)`): the fused Triton
     kernel where `fused_depth_read_available` says so, else on CPU the C kernel
     (kernels/depth_read_cpu.py) for fp32 sources, else the PyTorch `LeanDepthRead`."""
-    if fused_depth_read_available(sources[0]):
+    first = sources[0]
+    key = (os.environ.get(ENV_SWITCH), os.environ.get("TRITON_INTERPRET"), first.device,
+           first.dtype, first.shape[-1] if first.dim() else 0)  # fmt: skip
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _choose(first)
+    if choice == "triton":
         return fused_depth_read(sources, pseudo_query, key_norm_weight, eps)
-    backend = depth_read_backend()
-    if backend in ("auto", "cpu"):
-        if cpu_kernel_available(sources[0]):
-            return cpu_depth_read(sources, pseudo_query, key_norm_weight, eps)
-        if backend == "cpu":
-            why = unavailable_reason() or "it needs fp32 CPU tensors"
-            raise RuntimeError(
-                f"{ENV_SWITCH}=cpu but the CPU kernel cannot run on {sources[0].dtype} "
-                f"{sources[0].device} sources ({why}); set {ENV_SWITCH}=auto to fall back to "
-                "PyTorch"
-            )
+    if choice == "cpu":
+        return cpu_depth_read(sources, pseudo_query, key_norm_weight, eps)
     return depth_read(sources, pseudo_query, key_norm_weight, eps)

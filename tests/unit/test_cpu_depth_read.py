@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_attnres.attnres.depth_read import LeanDepthRead, depth_read_reference
-from megatron_attnres.kernels import depth_read_cpu
+from megatron_attnres.kernels import depth_read_cpu, depth_read_triton
 from megatron_attnres.kernels.depth_read_cpu import CpuDepthRead, cpu_depth_read
 from megatron_attnres.kernels.depth_read_triton import ENV_SWITCH, depth_read_auto
 
@@ -111,6 +111,7 @@ def test_a_failing_compiler_is_named_and_the_pytorch_op_takes_over(monkeypatch, 
     with pytest.raises(RuntimeError, match="false failed"):
         depth_read_cpu.build_library()
     monkeypatch.setattr(depth_read_cpu, "_state", {})
+    monkeypatch.setattr(depth_read_triton, "_CHOICES", {})  # forget this process's decisions
     with pytest.warns(UserWarning, match="CPU depth-read kernel is unavailable"):
         assert not depth_read_cpu.cpu_kernel_available(torch.zeros(4))
     monkeypatch.delenv(ENV_SWITCH, raising=False)
