@@ -1,7 +1,8 @@
-"""Fused GPU kernels (Triton) for the AttnRes depth read; the PyTorch op stays the fallback.
+"""Fused kernels for the AttnRes depth read: Triton on GPU (`depth_read_triton`), C on CPU
+(`depth_read_cpu`); the PyTorch op stays the fallback and the oracle.
 
 Imports torch and (guarded) triton, plus megatron_attnres.attnres; nothing from mcore, training
-or conversion. See `depth_read_triton` for the dispatch switch ATTNRES_DEPTH_READ.
+or conversion. See `depth_read_triton.depth_read_auto` for the dispatch switch ATTNRES_DEPTH_READ.
 """
 
 from megatron_attnres.kernels.depth_read_triton import (
