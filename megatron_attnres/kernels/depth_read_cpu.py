@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -61,7 +62,9 @@ def build_library() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     code = SOURCE.read_bytes()
-    key = hashlib.sha256(code + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    # The machine type is in the key: a cache in a home directory shared by x86 and Arm nodes.
+    stamp = " ".join((compiler, platform.machine(), *FLAGS))
+    key = hashlib.sha256(code + stamp.encode()).hexdigest()[:16]
     target = cache_dir() / f"depth_read_cpu-{key}.so"
     if target.exists():
         return target
