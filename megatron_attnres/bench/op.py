@@ -7,15 +7,21 @@ Implementations, timed in the same run (ratios are to the PyTorch reference):
 - cpu_kernel: megatron_attnres.kernels.depth_read_cpu (the C kernel the model uses on CPU), on
   CPU only, when it builds
 - triton:    megatron_attnres.kernels.depth_read_triton, on CUDA only, if present
-- flash_attn_res, fast_attnres: external packages (optional; never dependencies), on CUDA only:
-  reported as "not installed" when absent; no adapter to their APIs is written yet.
+- flash_attn_res, fast_attnres: the peer packages flash-attn-res 0.1.x and fast-attnres 2.x
+  (`pip install "megatron-attnres[bench-peers]"`; never dependencies), on CUDA only, reported as
+  "not installed" when absent. Adapters (`peer_reads`) map one read onto their APIs: the query
+  is w * g (the key-norm gain folded into the pseudo-query: w . (g * v * r) = (w * g) . v * r);
+  flash-attn-res takes the sources packed [N, 1, tokens, hidden] (the stacking copy is timed,
+  as its API needs it) and its phase-1 op with that single query is the whole read;
+  fast-attnres takes the list of bf16 sources. Both return bf16. Checked against the reference
+  by tests/unit/test_peer_adapters.py (GPU only; not run yet: no GPU here).
 Achieved GB/s uses the cost model's ideal bytes of a fused read (bench/cost_model.py,
 `read_training_traffic`), so it is comparable across implementations; % of peak where the
 device's peak bandwidth is known.
 """
 
 import importlib
-import importlib.util
+import importlib.metadata
 
 import torch
 
@@ -70,12 +76,57 @@ def implementations(device: str, compile: bool = True) -> tuple[dict, dict]:
     else:
         impls["triton"] = fn
     skipped["cpu_kernel"] = "CPU only"
-    for name in ("flash_attn_res", "fast_attnres"):
-        if importlib.util.find_spec(name) is None:
-            skipped[name] = "not installed"
+    for name, (read, why) in peer_reads().items():
+        if read is None:
+            skipped[name] = why
         else:
-            skipped[name] = "installed; no adapter to its API yet"
+            impls[name] = read
     return impls, skipped
+
+
+PEERS = {"flash_attn_res": "flash-attn-res", "fast_attnres": "fast-attnres"}
+
+
+def peer_reads() -> dict:
+    """name -> (fn(sources, w, g, eps) or None, why not) for the peer packages."""
+    found = {}
+    for name, dist in PEERS.items():
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = (None, "not installed")
+            continue
+        try:
+            found[name] = (_ADAPTERS[name](), "")
+        except ImportError as err:
+            found[name] = (None, f"{dist} {version} does not import ({err})")
+    return found
+
+
+def _flash_attn_res_read():
+    from flash_attn_res import phase_1_batched_attention_triton_op as phase_1
+
+    def read(sources, pseudo_query, key_norm_weight, eps):
+        hidden = sources[0].shape[-1]
+        packed = torch.stack(sources).reshape(len(sources), 1, -1, hidden)
+        query = (pseudo_query * key_norm_weight).to(torch.float32).reshape(1, hidden)
+        out, _lse = phase_1(packed, query, eps)
+        return out[0].reshape(sources[0].shape)
+
+    return read
+
+
+def _fast_attnres_read():
+    from attnres import attnres  # fast-attnres's package is called `attnres`
+
+    def read(sources, pseudo_query, key_norm_weight, eps):
+        query = (pseudo_query * key_norm_weight).to(torch.bfloat16)
+        return attnres([src.to(torch.bfloat16) for src in sources], query, eps=eps)
+
+    return read
+
+
+_ADAPTERS = {"flash_attn_res": _flash_attn_res_read, "fast_attnres": _fast_attnres_read}
 
 
 def _inputs(tokens, hidden, n, device, dtype, grad: bool):
