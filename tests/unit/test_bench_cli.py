@@ -7,6 +7,7 @@ import torch
 
 from megatron_attnres.bench.cli import main
 from megatron_attnres.bench.common import paired_ratio
+from megatron_attnres.kernels import depth_read_cpu
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,9 @@ def test_op_quick_times_every_cpu_implementation_against_the_reference(capsys, t
     text = capsys.readouterr().out
     assert "speed-up vs reference" in text and "CPU ratios" in text
     records = json.loads(out.read_text())["op"]["results"]
-    assert {r["impl"] for r in records} == {"lean", "reference", "cpu_kernel"}
+    # The C kernel is timed wherever it builds (a C compiler; see kernels/depth_read_cpu.py).
+    kernel = {"cpu_kernel"} if depth_read_cpu.unavailable_reason() is None else set()
+    assert {r["impl"] for r in records} == {"lean", "reference", *kernel}
     assert {r["pass_"] for r in records} == {"fwd", "fwd+bwd"}
     for r in records:
         assert r["ms"] > 0 and r["vs_reference"] > 0

@@ -15,7 +15,8 @@ from megatron_attnres.kernels.depth_read_triton import ENV_SWITCH, depth_read_au
 
 EPS = 1e-5
 pytestmark = pytest.mark.skipif(
-    depth_read_cpu.unavailable_reason() is not None, reason="no C compiler on this host"
+    depth_read_cpu.unavailable_reason() is not None,
+    reason=f"the CPU kernel does not build here: {depth_read_cpu.unavailable_reason()}",
 )
 
 
