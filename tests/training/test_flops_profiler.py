@@ -103,6 +103,9 @@ def test_flops_per_token_matches_deepspeeds_profiler(monkeypatch):
     )
     from megatron_attnres.training.run_config import load_run_config
 
+    # DeepSpeed's profiler counts torch calls: the reads must run the PyTorch op, not the CPU
+    # kernel (kernels/depth_read_cpu.py), whose arithmetic it cannot see.
+    monkeypatch.setenv("ATTNRES_DEPTH_READ", "torch")
     run = load_run_config(TINY, {"seq_length": SEQ})
     vocab = padded_vocab_size(run, run.tokenizer_vocab_size)
     config, pattern = transformer_config(run), layer_pattern(run)
