@@ -80,16 +80,20 @@ def check_cuts(pattern: str, schedule: DepthBlockSchedule, num_segments: int) ->
 
 class P2PTrafficCounter(contextlib.AbstractContextManager):
     """Counts the bytes Megatron's pipeline p2p calls send and receive (activation and
-    gradient tensors only: the shape messages of variable_seq_lengths go another way).
+    gradient tensors), and apart from them the shape messages `SummaryP2PCommunicator` sends and
+    receives when payload shapes are not static.
 
-    `sent[("next", n)]` lists the bytes of every tensor sent forward (activations) and
-    `sent[("prev", n)]` backward (gradients); `received` likewise.
+    `sent["next"]` lists the bytes of every tensor sent forward (activations) and
+    `sent["prev"]` backward (gradients); `received` likewise; `shape_messages` counts shape
+    sends plus shape receives.
     """
 
     def __init__(self):
         self.sent = defaultdict(list)
         self.received = defaultdict(list)
+        self.shape_messages = 0
         self._patched = {}
+        self._shape_ops = None
 
     def _wrap(self, fn):
         def counted(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
@@ -113,6 +117,15 @@ class P2PTrafficCounter(contextlib.AbstractContextManager):
         for name in ("_p2p_ops", "_batched_p2p_ops"):
             self._patched[name] = getattr(p2p, name)
             setattr(p2p, name, self._wrap(self._patched[name]))
+        global _ordered_p2p_ops
+        self._shape_ops = shape_ops = _ordered_p2p_ops
+
+        def counted_shapes(**kwargs):
+            self.shape_messages += sum(kwargs[name] is not None for name in (
+                "tensor_send_prev", "tensor_recv_prev", "tensor_send_next", "tensor_recv_next"))
+            return shape_ops(**kwargs)
+
+        _ordered_p2p_ops = counted_shapes
         return self
 
     def __exit__(self, *exc):
@@ -121,6 +134,8 @@ class P2PTrafficCounter(contextlib.AbstractContextManager):
         for name, fn in self._patched.items():
             setattr(p2p, name, fn)
         self._patched.clear()
+        global _ordered_p2p_ops
+        _ordered_p2p_ops = self._shape_ops
         return False
 
 
@@ -265,18 +280,36 @@ def cached_transfer_counts(entering: list[int], pipeline_size: int) -> list[int]
 
 
 class SummaryP2PCommunicator(P2PCommunicator):
-    """Megatron's P2PCommunicator with a shape exchange that is safe when the previous and the
-    next stage are the same rank (PP = 2, as in every interleaved PP=2 run).
+    """Megatron's P2PCommunicator for AttnRes stage payloads, whose length is a multiple of the
+    schedule's (seq, micro-batch, hidden) shape that differs per boundary.
 
-    megatron-core 0.19.2 exchanges the shapes of `variable_seq_lengths` with one
-    batch_isend_irecv of [send_prev, recv_prev, send_next, recv_next]; with prev == next over
-    gloo the two sends pair up with the other rank's receives in posting order, so a gradient
-    shape lands where an activation shape is expected and the transfer aborts (measured: "12288
-    vs 8192 bytes"). Here the shapes travel through the same even/odd ordered p2p calls that
-    Megatron uses for the tensors themselves (`_p2p_ops`), which pair correctly.
+    With `payload_shapes=(from_prev, from_next)` (one model chunk per rank, the 1F1B schedule)
+    the shapes are static: `from_prev` is the shape of every payload from the previous stage and
+    `from_next` that of every gradient from the next stage (the shape of what this stage sends
+    on), so no shape message is exchanged at all (`stage_payload_shapes`). Megatron's exchange
+    costs one more p2p round trip per transfer, and on GPU a host synchronisation (`.tolist()`)
+    that stalls the stream. Every rank must choose the same way: all know their shapes or none.
+
+    Without them (interleaved chunks, whose payloads shrink with the summary cache) the shapes
+    are exchanged, but through the same even/odd ordered p2p calls that Megatron uses for the
+    tensors themselves (`_p2p_ops`): megatron-core 0.19.2 exchanges them with one
+    batch_isend_irecv of [send_prev, recv_prev, send_next, recv_next], and with prev == next
+    (PP = 2) over gloo the two sends pair up with the other rank's receives in posting order, so a
+    gradient shape lands where an activation shape is expected and the transfer aborts (measured:
+    "12288 vs 8192 bytes").
     """
 
+    def __init__(self, pp_group, config, payload_shapes=None):
+        super().__init__(pp_group, config)
+        self.payload_shapes = payload_shapes
+        self.shape_exchanges = 0  # shape messages exchanged; stays 0 with payload_shapes
+
     def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        if self.payload_shapes is not None:
+            from_prev, from_next = self.payload_shapes
+            return (list(from_prev) if recv_prev else [0, 0, 0],
+                    list(from_next) if recv_next else [0, 0, 0])  # fmt: skip
+        self.shape_exchanges += 1
         device = torch.cuda.current_device()
 
         def shape_of(t):

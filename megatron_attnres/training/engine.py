@@ -101,7 +101,8 @@ def check_interleaved_microbatches(num_microbatches: int, summary_cache: bool) -
         )
 
 
-def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbatches: int) -> dict:
+def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbatches: int,
+                            seq_length: int, micro_batch_size: int) -> dict:  # fmt: skip
     """Schedule arguments for pipelines: our shape-safe communicator (SummaryP2PCommunicator)
     and a fresh step for each rank's summary cache (interleaved stages)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -113,8 +114,25 @@ def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbat
     for cache in caches.values():  # one per rank, shared by its chunks
         cache.begin_step(forward_only)
     config = get_model_config(model_chunks[0])
-    communicator = SummaryP2PCommunicator(ps.get_pipeline_model_parallel_group(), config)
+    shapes = None
+    if len(model_chunks) == 1 and len(stacks) == 1 and not caches:  # 1F1B: static payloads
+        shapes = stage_payload_shapes(stacks[0], config, seq_length, micro_batch_size)
+    communicator = SummaryP2PCommunicator(ps.get_pipeline_model_parallel_group(), config,
+                                          payload_shapes=shapes)  # fmt: skip
     return dict(p2p_communicator=communicator, pg_collection=_build_default_pg_collection())
+
+
+def stage_payload_shapes(stack: AttnResHybridStack, config, seq_length: int,
+                         micro_batch_size: int) -> tuple[tuple, tuple]:  # fmt: skip
+    """Shapes of the payload this stage receives and of the gradient it receives for what it
+    sends: the summary counts times the schedule's per-summary shape (sequence divided over
+    context parallelism and, with sequence parallelism, over tensor parallelism)."""
+    rows = seq_length // ps.get_context_parallel_world_size()
+    if config.sequence_parallel:
+        rows //= ps.get_tensor_model_parallel_world_size()
+    received, sent = stack.payload_summary_counts()
+    return tuple((count * rows, micro_batch_size, config.hidden_size)
+                 for count in (received, sent))  # fmt: skip
 
 
 def forward_backward(model_chunks: list, microbatches: list[dict],
@@ -127,7 +145,8 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     # notebook) would clash, so each call starts from no scale.
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     losses = get_forward_backward_func()(
-        **_pipeline_communication(model_chunks, forward_only, len(microbatches)),
+        **_pipeline_communication(model_chunks, forward_only, len(microbatches),
+                                  tokens.shape[1], tokens.shape[0]),
         forward_step_func=_forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks,

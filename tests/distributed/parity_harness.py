@@ -173,7 +173,8 @@ def _steps(config, chunks, local_experts, layout) -> dict:
             losses.append(result.loss)
             weights.append(gather_full(chunks, local_experts))
             cache_log += [(list(c.events), c.live_bytes) for c in caches.values()]
-    counted = {"sent": dict(traffic.sent), "received": dict(traffic.received)}
+    counted = {"sent": dict(traffic.sent), "received": dict(traffic.received),
+               "shape_messages": traffic.shape_messages}  # fmt: skip
     # A validation-style forward-only pass (no backward releases the cache there).
     eval_batch = global_batch(STEPS, layout.microbatches)[dp_rank::dp_size]
     eval_loss = forward_backward(ddp, eval_batch, forward_only=True)

@@ -1,11 +1,13 @@
 """Pipeline parallelism where only depth-block summaries cross stages (DESIGN section 5).
 
-1F1B with PP=2, PP=4, PP=2 x EP=2, Full AttnRes with PP=2, and the interleaved schedule with
+1F1B with PP=2, PP=4, PP=2 x EP=2, Full AttnRes with PP=2, TP=2 with sequence parallelism x
+PP=2 (payloads of s / TP rows per summary), and the interleaved schedule with
 PP=2 x V=2 take 3 optimizer steps over 4 micro-batches with the same losses, gathered gradients
 and weights as one rank (rtol 1e-5). The bytes Megatron's p2p calls move (shape messages
 excluded) equal, at every boundary and micro-batch, (completed summaries, b_0 included) x seq x
 micro-batch x hidden x 4 in both directions for 1F1B, and the documented cached count for the
-interleaved schedule, whose cache entries are released once per micro-batch. Negative controls:
+interleaved schedule, whose cache entries are released once per micro-batch. 1F1B exchanges no
+shape message (static payload shapes); the interleaved schedule one per tensor. Negative controls:
 a receiving stage that detaches its summaries (no gradient back to their producers), loses b_0,
 or (interleaved) drops the gradients of its cached own summaries must break parity.
 """
@@ -42,7 +44,8 @@ def single_rank():
 def expected_traffic(layout: Layout, mode: str, k: int) -> list[dict]:
     """Per rank: bytes of every tensor sent/received forward ('next') and backward ('prev')."""
     schedule = megatron_config(tiny_moe(mode, k)).depth_block_schedule()
-    per_boundary = [payload_bytes(schedule, cut, SEQ * MICRO_BATCH, 32, 4)
+    # Under sequence parallelism (tp > 1) each tensor-parallel rank sends its share of the rows.
+    per_boundary = [payload_bytes(schedule, cut, SEQ * MICRO_BATCH // layout.tp, 32, 4)
                     for cut in balanced_cuts(schedule, layout.pp)]  # fmt: skip
     transfers = STEPS * MICROBATCHES // layout.dp
     ranks_per_stage = layout.world_size // layout.pp  # pipeline is the outermost rank dimension
@@ -54,7 +57,8 @@ def expected_traffic(layout: Layout, mode: str, k: int) -> list[dict]:
             sent["next"] = received["prev"] = [per_boundary[stage]] * transfers
         if stage > 0:
             received["next"] = sent["prev"] = [per_boundary[stage - 1]] * transfers
-        expected.append({"sent": sent, "received": received})
+        # 1F1B payload shapes are static: no shape message is exchanged at all.
+        expected.append({"sent": sent, "received": received, "shape_messages": 0})
     return expected
 
 
@@ -65,8 +69,9 @@ def expected_traffic(layout: Layout, mode: str, k: int) -> list[dict]:
         (Layout(pp=4, microbatches=MICROBATCHES), "block", "dropped_b0"),
         (Layout(pp=2, ep=2, dp=2, microbatches=MICROBATCHES), "block", "detached_summaries"),
         (Layout(pp=2, microbatches=MICROBATCHES), "full", "dropped_b0"),
+        (Layout(tp=2, pp=2, microbatches=MICROBATCHES), "block", "detached_summaries"),
     ],
-    ids=["pp2", "pp4", "pp2xep2", "pp2-full-attnres"],
+    ids=["pp2", "pp4", "pp2xep2", "pp2-full-attnres", "tp2-sp-x-pp2"],
 )
 def test_pipeline_trains_like_one_rank_and_sends_only_summaries(single_rank, layout, mode,
                                                                  sabotage):  # fmt: skip
@@ -103,6 +108,10 @@ def test_interleaved_pp2_vp2_trains_like_one_rank_with_cached_summaries(single_r
     into = closed_form_transfers(P, V, Np)  # [2, 1, 1]
     per_microbatch = STEPS * MICROBATCHES
     for rank, counted in enumerate(runs["none"]["traffic"]):
+        # Cached payloads differ per chunk: every tensor travels after its shape.
+        transfers = sum(len(sizes) for flow in ("sent", "received")
+                        for sizes in counted[flow].values())  # fmt: skip
+        assert counted["shape_messages"] == transfers > 0
         sends = [into[c] * summary for c in range(rank, P * V - 1, P)]  # out of chunk c
         receives = [into[c - 1] * summary for c in range(rank, P * V, P) if c > 0]
         assert sorted(counted["sent"]["next"]) == sorted(sends * per_microbatch)
