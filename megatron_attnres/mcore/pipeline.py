@@ -121,8 +121,8 @@ class P2PTrafficCounter(contextlib.AbstractContextManager):
         self._shape_ops = shape_ops = _ordered_p2p_ops
 
         def counted_shapes(**kwargs):
-            self.shape_messages += sum(kwargs[name] is not None for name in (
-                "tensor_send_prev", "tensor_recv_prev", "tensor_send_next", "tensor_recv_next"))
+            names = ("tensor_send_prev", "tensor_recv_prev", "tensor_send_next", "tensor_recv_next")
+            self.shape_messages += sum(kwargs[name] is not None for name in names)
             return shape_ops(**kwargs)
 
         _ordered_p2p_ops = counted_shapes

@@ -145,8 +145,9 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     # notebook) would clash, so each call starts from no scale.
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     losses = get_forward_backward_func()(
-        **_pipeline_communication(model_chunks, forward_only, len(microbatches),
-                                  tokens.shape[1], tokens.shape[0]),
+        **_pipeline_communication(
+            model_chunks, forward_only, len(microbatches), tokens.shape[1], tokens.shape[0]
+        ),
         forward_step_func=_forward_step,
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks,
