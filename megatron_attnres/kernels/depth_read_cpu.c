@@ -13,26 +13,31 @@
 #include <math.h>
 #include <stdint.h>
 
-/* `omp simd reduction` (with -fopenmp-simd: no OpenMP runtime) lets the compiler vectorise these
- * sums, i.e. add in lanes rather than strictly left to right. */
-static float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t h = 0; h < n; ++h) s += a[h] * b[h];
-    return s;
+/* Dot products of a row, in LANES independent partial sums that the compiler keeps in vector
+ * registers (portable C, no intrinsics), added pairwise at the end. A single running sum would
+ * make every step wait for the previous add: at hidden 64 that latency chain, not memory, was
+ * what a read cost (measured ~80 cycles per source row). */
+#define LANES 16 /* fold() adds them pairwise: 16 -> 8 -> 4 -> 1 */
+#if defined(__GNUC__)
+#define INLINE inline __attribute__((always_inline))
+#else
+#define INLINE inline
+#endif
+
+static INLINE float fold(float *s) {
+    for (int l = 0; l < 8; ++l) s[l] += s[l + 8];
+    for (int l = 0; l < 4; ++l) s[l] += s[l + 4];
+    return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
-/* Both v . v and v . q in one pass over v. */
-static void dot2(const float *restrict v, const float *restrict q, int64_t n, float *vv,
-                 float *vq) {
-    float sv = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : sv, sq)
-    for (int64_t h = 0; h < n; ++h) {
-        sv += v[h] * v[h];
-        sq += v[h] * q[h];
-    }
-    *vv = sv;
-    *vq = sq;
+static INLINE float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float s[LANES] = {0.0f};
+    int64_t h = 0;
+    for (; h + LANES <= n; h += LANES)
+        for (int l = 0; l < LANES; ++l) s[l] += a[h + l] * b[h + l];
+    float tail = 0.0f;
+    for (; h < n; ++h) tail += a[h] * b[h];
+    return fold(s) + tail;
 }
 
 /* Row t of out = sum_j alpha[j, t] v_j[t], accumulated in source order. The forward and the
@@ -56,33 +61,48 @@ void attnres_weighted_sum(const float *const *sources, int64_t n, int64_t tokens
 }
 
 /* w, g: the pseudo-query and the key-norm gain, [hidden]; inv_rms, dots, alpha: [n, tokens];
- * out: [tokens, hidden]. Row by row, so that the second pass over a row (the weighted sum)
- * reads it from cache. */
+ * out: [tokens, hidden]. Tiles of TILE tokens: the dot products of every source row of a tile,
+ * then the scalar work (rms, softmax) over the tile's tokens, which are contiguous in the
+ * [n, tokens] statistics and so run as vector loops instead of one latency chain per row, then
+ * the weighted sum, which reads the tile's rows again from cache. */
+#define TILE 32
 void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t tokens,
                             int64_t hidden, const float *w, const float *g, float eps, float *out,
                             float *inv_rms, float *dots, float *alpha) {
     float q[hidden > 0 ? hidden : 1];
     for (int64_t h = 0; h < hidden; ++h) q[h] = w[h] * g[h];
-    for (int64_t t = 0; t < tokens; ++t) {
-        float best = -INFINITY;
+    const float inv_hidden = 1.0f / (float)hidden;
+    for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
+        const int64_t width = tokens - t0 < TILE ? tokens - t0 : TILE;
+        float best[TILE], total[TILE];
+        for (int64_t i = 0; i < width; ++i) best[i] = -INFINITY, total[i] = 0.0f;
         for (int64_t j = 0; j < n; ++j) {
-            const float *v = sources[j] + t * hidden;
-            float vv, d;
-            dot2(v, q, hidden, &vv, &d);
-            const float r = 1.0f / sqrtf(vv / (float)hidden + eps);
-            inv_rms[j * tokens + t] = r;
-            dots[j * tokens + t] = d;
-            alpha[j * tokens + t] = r * d; /* the score, until normalised below */
-            if (r * d > best) best = r * d;
+            float *restrict r = inv_rms + j * tokens + t0, *restrict d = dots + j * tokens + t0;
+            float *restrict score = alpha + j * tokens + t0;
+            for (int64_t i = 0; i < width; ++i) {
+                const float *v = sources[j] + (t0 + i) * hidden;
+                r[i] = dot(v, v, hidden); /* the mean square, until the next loop */
+                d[i] = dot(v, q, hidden);
+            }
+            for (int64_t i = 0; i < width; ++i) {
+                r[i] = 1.0f / sqrtf(r[i] * inv_hidden + eps);
+                score[i] = r[i] * d[i]; /* the score, until normalised below */
+                best[i] = score[i] > best[i] ? score[i] : best[i];
+            }
         }
-        float total = 0.0f;
         for (int64_t j = 0; j < n; ++j) {
-            const float e = expf(alpha[j * tokens + t] - best);
-            alpha[j * tokens + t] = e;
-            total += e;
+            float *restrict e = alpha + j * tokens + t0;
+            for (int64_t i = 0; i < width; ++i) {
+                e[i] = expf(e[i] - best[i]);
+                total[i] += e[i];
+            }
         }
-        for (int64_t j = 0; j < n; ++j) alpha[j * tokens + t] /= total;
-        weighted_row(sources, n, tokens, hidden, alpha, t, out + t * hidden);
+        for (int64_t j = 0; j < n; ++j) {
+            float *restrict a = alpha + j * tokens + t0;
+            for (int64_t i = 0; i < width; ++i) a[i] /= total[i];
+        }
+        for (int64_t i = 0; i < width; ++i)
+            weighted_row(sources, n, tokens, hidden, alpha, t0 + i, out + (t0 + i) * hidden);
     }
 }
 

@@ -126,3 +126,35 @@ def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert depth_read_cpu.build_library() == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporaries left behind
+
+
+def test_vector_flags_follow_pytorchs_cpu_capability(monkeypatch):
+    monkeypatch.setattr(depth_read_cpu.platform, "machine", lambda: "x86_64")
+    for capability, vector in (("AVX512", True), ("AVX2", True), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        flags = depth_read_cpu.build_flags()
+        assert ("-mavx2" in flags and "-mfma" in flags) == vector, capability
+    monkeypatch.setattr(depth_read_cpu.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert depth_read_cpu.build_flags() == depth_read_cpu.FLAGS
+
+
+def test_the_portable_build_is_correct_too(monkeypatch, tmp_path):
+    """Machines without AVX2 get the portable flags: that library, cached under its own key,
+    meets the same float64 reference."""
+    this_machine = depth_read_cpu.build_library().name, depth_read_cpu.build_flags()
+    monkeypatch.setenv("ATTNRES_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(depth_read_cpu, "build_flags", lambda: depth_read_cpu.FLAGS)
+    monkeypatch.setattr(depth_read_cpu, "_state", {})
+    portable = depth_read_cpu.build_library()
+    # The flags are in the cache key: a shared cache keeps one library per flag set.
+    assert (portable.name == this_machine[0]) == (this_machine[1] == depth_read_cpu.FLAGS)
+    sources, w, g, grad_out = inputs(4, (77, 2, 45), scales=[0.5, 1.5, 2.5, 3.5])
+    out = cpu_depth_read(sources, w, g, EPS)
+    assert depth_read_cpu._state["lib"]._name == str(portable)
+    grads = torch.autograd.grad(out, [w, g, *sources], grad_out)
+    ref_out, ref_grads = reference_in_float64(sources, w, g, grad_out)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    assert torch.equal(out.grad_fn.rebuild(sources), out)
