@@ -75,7 +75,10 @@ void attnres_depth_read_fwd(const float *const *sources, int64_t n, int64_t toke
     for (int64_t t0 = 0; t0 < tokens; t0 += TILE) {
         const int64_t width = tokens - t0 < TILE ? tokens - t0 : TILE;
         float best[TILE], total[TILE];
-        for (int64_t i = 0; i < width; ++i) best[i] = -INFINITY, total[i] = 0.0f;
+        for (int64_t i = 0; i < width; ++i) {
+            best[i] = -INFINITY;
+            total[i] = 0.0f;
+        }
         for (int64_t j = 0; j < n; ++j) {
             float *restrict r = inv_rms + j * tokens + t0, *restrict d = dots + j * tokens + t0;
             float *restrict score = alpha + j * tokens + t0;

@@ -10,8 +10,8 @@ Build: compiled on first use with the system C compiler (`cc`, or $CC) into the 
 ($ATTNRES_KERNEL_CACHE, default ~/.cache/megatron_attnres/kernels), keyed by the source's hash,
 written atomically so that ranks starting together do not race; about a second. No compiler, or
 a failed build, means the PyTorch op is used instead, with one warning saying why. Only fp32
-CPU tensors use it (other dtypes take the PyTorch op). The flags are portable (-O3
--fopenmp-simd, no -march) plus AVX2/FMA on x86-64 CPUs where PyTorch uses them (`build_flags`);
+CPU tensors use it (other dtypes take the PyTorch op). The flags are portable (-O3, no -march)
+plus AVX2/FMA on x86-64 CPUs where PyTorch uses them (`build_flags`);
 the cache key holds the compiler, the machine type and the flags, so a cache shared by
 different machines is safe.
 
@@ -38,7 +38,7 @@ import torch
 from megatron_attnres.attnres.depth_read import _check_sources
 
 SOURCE = Path(__file__).with_name("depth_read_cpu.c")
-FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c99", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fno-math-errno", "-std=c99", "-shared", "-fPIC")
 # x86-64 CPUs on which PyTorch itself runs its AVX2 (or AVX-512) kernels have AVX2 and FMA:
 # there the kernel is built for them too (measured ~1.4x faster at hidden 64 than SSE2).
 X86_VECTOR_FLAGS = ("-mavx2", "-mfma")

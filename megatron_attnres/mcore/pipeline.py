@@ -302,14 +302,12 @@ class SummaryP2PCommunicator(P2PCommunicator):
     def __init__(self, pp_group, config, payload_shapes=None):
         super().__init__(pp_group, config)
         self.payload_shapes = payload_shapes
-        self.shape_exchanges = 0  # shape messages exchanged; stays 0 with payload_shapes
 
     def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
         if self.payload_shapes is not None:
             from_prev, from_next = self.payload_shapes
             return (list(from_prev) if recv_prev else [0, 0, 0],
                     list(from_next) if recv_next else [0, 0, 0])  # fmt: skip
-        self.shape_exchanges += 1
         device = torch.cuda.current_device()
 
         def shape_of(t):
