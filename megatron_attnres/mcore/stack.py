@@ -83,8 +83,6 @@ class AttnResHybridStack(HybridStack):
     def payload_summary_counts(self) -> tuple[int, int]:
         """Summaries in the payload this stage receives and in the one it sends on (0 where it
         has none): with one chunk per rank (1F1B) they are the same for every micro-batch."""
-        if not self.schedule.uses_depth_reads:
-            return (0 if self.pre_process else 1), (0 if self.post_process else 1)
         received = 0 if self.pre_process else self._summaries_received()
         if self.post_process:
             return received, 0

@@ -115,7 +115,9 @@ def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbat
         cache.begin_step(forward_only)
     config = get_model_config(model_chunks[0])
     shapes = None
-    if len(model_chunks) == 1 and len(stacks) == 1 and not caches:  # 1F1B: static payloads
+    # Megatron asks for payload shapes only under variable_seq_lengths (AttnRes stages); with
+    # one chunk per rank (1F1B) they are static.
+    if config.variable_seq_lengths and len(model_chunks) == 1 and len(stacks) == 1 and not caches:
         shapes = stage_payload_shapes(stacks[0], config, seq_length, micro_batch_size)
     communicator = SummaryP2PCommunicator(ps.get_pipeline_model_parallel_group(), config,
                                           payload_shapes=shapes)  # fmt: skip
