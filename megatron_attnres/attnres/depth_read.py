@@ -1,4 +1,4 @@
-"""The depth read of Attention Residuals (DESIGN section 3, paper Eq. 2-6).
+"""The depth read of Attention Residuals (docs/architecture.md section 3, paper Eq. 2-6).
 
 Legend for shape suffixes: N depth entries (sources), T tokens (any leading dims flattened),
 H hidden.
@@ -81,8 +81,8 @@ def depth_weights(
 
 
 def _softmax_weights(values_NTH, pseudo_query, key_norm_weight, eps) -> torch.Tensor:
-    """a = softmax_i(w . RMSNorm_g(v_i)) over the depth axis (DESIGN section 3); values are
-    already in the compute dtype."""
+    """a = softmax_i(w . RMSNorm_g(v_i)) over the depth axis (docs/architecture.md section 3);
+    values are already in the compute dtype."""
     dtype = values_NTH.dtype
     inv_rms_NT1 = torch.rsqrt(values_NTH.pow(2).mean(dim=-1, keepdim=True) + eps)
     keys_NTH = values_NTH * inv_rms_NT1 * key_norm_weight.to(dtype)

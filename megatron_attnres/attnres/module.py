@@ -1,4 +1,4 @@
-"""`DepthAttention`: the learned parameters of one depth read (DESIGN section 3)."""
+"""`DepthAttention`: the learned parameters of one depth read (docs/architecture.md section 3)."""
 
 from collections.abc import Sequence
 from functools import partial

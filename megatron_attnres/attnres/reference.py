@@ -1,4 +1,4 @@
-"""Eager reference decoder: the executable spec of DESIGN section 3b, in pure torch.
+"""Eager reference decoder: the executable spec of docs/architecture.md section 3b, in pure torch.
 
 Modes: none (PreNorm residual), full and block AttnRes. Tensors are [batch, seq, hidden].
 

@@ -2,7 +2,8 @@
 
 Sublayers are numbered like Megatron's HybridModel layers: 1-based `layer_number`, one per pattern
 symbol. With S sublayers per depth block, sublayer `n` starts a depth block when
-`(n - 1) % S == 0` (DESIGN section 3). Full AttnRes is S = 1. The embedding is summary b_0.
+`(n - 1) % S == 0` (docs/architecture.md section 3). Full AttnRes is S = 1. The embedding is
+summary b_0.
 
 A sublayer that starts depth block m + 1 reads the completed summaries b_0..b_m; any other sublayer
 also reads the partial summary of its own block. The final (output) read sees every completed
@@ -119,6 +120,14 @@ class DepthBlockSchedule:
     def num_final_sources(self) -> int:
         return self.final_sources().num_sources
 
+    def read_source_counts(self) -> list[int]:
+        """Sources of every depth read of one forward (each sublayer's, then the output read);
+        [] for the standard residual, which reads nothing."""
+        if not self.uses_depth_reads:
+            return []
+        reads = [self.sources(j).num_sources for j in range(1, self.num_sublayers + 1)]
+        return [*reads, self.num_final_sources()]
+
     def saved_activation_overhead_bytes(
         self, tokens: int, hidden: int, act_bytes: int, recompute_read: bool = True
     ) -> int:
@@ -135,9 +144,7 @@ class DepthBlockSchedule:
         """
         if not self.uses_depth_reads:
             return 0
-        reads = [self.sources(j).num_sources for j in range(1, self.num_sublayers + 1)]
-        reads.append(self.num_final_sources())
-        scalars = sum(3 * n * tokens * 4 for n in reads if n >= 2)
+        scalars = sum(3 * n * tokens * 4 for n in self.read_source_counts() if n >= 2)
         kept_results = 0 if recompute_read else self.num_sublayers * tokens * hidden * act_bytes
         return kept_results + scalars
 

@@ -1,4 +1,4 @@
-"""The one place where numerical tolerances are defined (DESIGN section 3b)."""
+"""The one place where numerical tolerances are defined (docs/architecture.md section 3b)."""
 
 from dataclasses import dataclass
 
@@ -28,7 +28,8 @@ class Tolerance:
         )
 
 
-# fp32: single-process parity and distributed-vs-single-rank parity at rtol 1e-5 (DESIGN 3b).
+# fp32: single-process parity and distributed-vs-single-rank parity at rtol 1e-5
+# (docs/architecture.md section 3b).
 _FP32 = Tolerance(rtol=1e-5, atol=1e-5)
 _FP64 = Tolerance(rtol=1e-10, atol=1e-12)
 

@@ -2,7 +2,7 @@
 
 Pure arithmetic (no tensors). Units: elements of one token's hidden vector are `d`; bytes are
 elements x dtype bytes. Everything counts the residual path only, as the paper's Table 1 does
-(DESIGN section 6): the sublayers' own matmuls and norms are outside it.
+(docs/architecture.md section 6): the sublayers' own matmuls and norms are outside it.
 
 1. The paper's per-token, per-sublayer figures, amortised over a depth block (`paper_elements`):
        standard residual          3d                      (read x and y, write x + y)
@@ -83,7 +83,8 @@ def paper_items(mode: str, num_blocks: int = 8, block_size: int = 16) -> dict[st
 def paper_elements(
     mode: str, hidden: int, num_blocks: int = 8, block_size: int = 16, streams: int = 4
 ) -> float:
-    """The paper's closed forms (DESIGN section 6), elements per token per sublayer."""
+    """The paper's closed forms (docs/architecture.md section 6), elements per token per
+    sublayer."""
     N, S, m, d = num_blocks, block_size, streams, hidden
     forms = {
         "none": 3 * d,
@@ -153,14 +154,6 @@ def partial_update_bytes(tokens: int, hidden: int, act_bytes: int) -> Traffic:
 
 
 # ----------------------------------------------------------------------------- training
-def read_sources(schedule: DepthBlockSchedule) -> list[int]:
-    """Sources of every depth read of one forward (each sublayer's, then the output read)."""
-    if not schedule.uses_depth_reads:
-        return []
-    reads = [schedule.sources(j).num_sources for j in range(1, schedule.num_sublayers + 1)]
-    return [*reads, schedule.num_final_sources()]
-
-
 def read_training_traffic(
     n: int, tokens: int, hidden: int, act_bytes: int, compute_bytes: int = 4
 ) -> dict[str, Traffic]:
@@ -185,7 +178,7 @@ def training_traffic(
     if not schedule.uses_depth_reads:
         return {"reads": Traffic(), "adds": add.times(2 * schedule.num_sublayers)}  # fwd + bwd
     reads = Traffic()
-    for n in read_sources(schedule):
+    for n in schedule.read_source_counts():
         parts = read_training_traffic(n, tokens, hidden, act_bytes)
         reads += parts["forward"] + parts["backward"]
     S, L = schedule.sublayers_per_block, schedule.num_sublayers

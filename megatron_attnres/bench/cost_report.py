@@ -9,14 +9,14 @@ from megatron_attnres.bench.common import table
 from megatron_attnres.bench.cost_model import (
     PEAK_BANDWIDTH,
     paper_elements,
-    read_sources,
     seconds_at,
     training_traffic,
     two_phase_traffic,
 )
-from megatron_attnres.training.metrics import flops_per_token
-from megatron_attnres.training.model_setup import layer_pattern, padded_vocab_size
-from megatron_attnres.training.run_config import RunConfig, load_run_config
+from megatron_attnres.config.flops import flops_per_token
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import layer_pattern, padded_vocab_size
+from megatron_attnres.config.run import RunConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "kimi_linear_48b_attnres.yaml"
 
@@ -72,7 +72,7 @@ def run_cost(config: str | None = None, tokens: int | None = None) -> dict:
     out["paper_d_per_sublayer"] = {f"{r[0]} {r[1]}": r[2] for r in rows}
     lines.append(
         table(
-            "paper (DESIGN 6): residual-path traffic per token per sublayer, in d",
+            "paper Table 1: residual-path traffic per token per sublayer, in d",
             ["mode", "shape", "x d"],
             rows,
         )
@@ -105,7 +105,7 @@ def run_cost(config: str | None = None, tokens: int | None = None) -> dict:
             enable_attention_residuals=mode != "none",
             attn_res_mode="full" if mode == "full" else "block",
         )
-        flops = flops_per_token(mode_run, vocab, layer_pattern(run), read_sources(schedule))
+        flops = flops_per_token(mode_run, vocab, layer_pattern(run), schedule.read_source_counts())
         matmul_ms = 1e3 * flops * T / (peak * 1e12)
         ms = _ms_at(nbytes)
         out["training"][mode] = dict(

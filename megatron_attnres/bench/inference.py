@@ -28,11 +28,12 @@ from megatron_attnres.bench.common import (
     table,
 )
 from megatron_attnres.bench.model_step import TINY, mode_config
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import padded_vocab_size
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.config_map import hf_config
 from megatron_attnres.conversion.hf import AUTO_MAP, MODELING_FILES
 from megatron_attnres.conversion.hf.modeling_attnres import AttnResForCausalLM
-from megatron_attnres.training.model_setup import padded_vocab_size
-from megatron_attnres.training.run_config import RunConfig, load_run_config
 
 VARIANTS = {
     "block two-phase": ("block", True),

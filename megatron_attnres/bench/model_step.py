@@ -1,6 +1,6 @@
 """Model level: Block AttnRes vs the standard residual on the same config and layout.
 
-Both models are built with the trainer's own pieces (training/model_setup.py, engine.py:
+Both models are built with the trainer's own pieces (train/build.py build_run, engine.py:
 Megatron's HybridModel, DDP, optimizer, pipeline schedule) and stepped in turn, A B, B A, ..., so
 that load from other processes falls on both alike. Reported per mode: median step time after
 warm-up, tokens/s, MFU (with --peak-tflops), and memory: on GPU the peak CUDA allocation of one
@@ -26,22 +26,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_attnres.bench.common import interleaved_times, paired_ratio
+from megatron_attnres.config.flops import flops_per_token
+from megatron_attnres.config.load import load_run_config, parse_overrides
+from megatron_attnres.config.megatron import layer_pattern, padded_vocab_size, transformer_config
+from megatron_attnres.config.rules import microbatches_per_step
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.mcore.compat import (
     activate_cpu_compat,
     cpu_compat_needed,
     model_parallel_manual_seed,
 )
 from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
-from megatron_attnres.training.distributed import init_distributed
-from megatron_attnres.training.engine import train_step, wrap_ddp
-from megatron_attnres.training.metrics import flops_per_token
-from megatron_attnres.training.model_setup import (
-    layer_pattern,
-    optimizer_and_scheduler,
-    padded_vocab_size,
-    transformer_config,
-)
-from megatron_attnres.training.run_config import RunConfig, load_run_config, parse_overrides
+from megatron_attnres.train.build import build_run
+from megatron_attnres.train.distributed import init_distributed
+from megatron_attnres.train.engine import train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -97,21 +95,10 @@ def mode_config(run: RunConfig, mode: str) -> RunConfig:
 
 
 def build(run: RunConfig, vocab: int, pattern: str):
-    """(DDP chunks, optimizer, transformer config) of `run` laid out by `pattern`."""
-    model_parallel_manual_seed(run.seed)
-    config = transformer_config(run)
-    chunks = build_model_chunks(
-        config,
-        pattern,
-        vocab,
-        run.seq_length,
-        position_embedding_type=None if run.multi_latent_attention else run.position_embedding_type,
-        rotary_base=run.rotary_base,
-        share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
-    )
-    chunks = wrap_ddp(chunks)
-    optimizer, _ = optimizer_and_scheduler(run, chunks)
-    return chunks, optimizer, config
+    """(DDP chunks, optimizer, transformer config) of `run` laid out by `pattern`, built as
+    attnres-train builds it (train.build.build_run)."""
+    built = build_run(run, vocab, pattern=pattern)
+    return built.chunks, built.optimizer, built.config
 
 
 def random_batch(run: RunConfig, vocab: int, micro: int, seed: int = 0) -> list[dict]:
@@ -166,7 +153,7 @@ def measure(run: RunConfig, steps: int, warmup: int, peak_tflops: float | None) 
     block_config = transformer_config(mode_config(run, "block"))
     pattern = pipeline_pattern(block_config, layer_pattern(run))  # one layout for both modes
     dp = ps.get_data_parallel_world_size()
-    micro = run.global_batch_size // (run.micro_batch_size * dp)
+    micro = microbatches_per_step(run, dp)
     batch = random_batch(run, vocab, micro)
     models, steppers, results = {}, {}, {}
     for mode in MODES:
@@ -179,8 +166,7 @@ def measure(run: RunConfig, steps: int, warmup: int, peak_tflops: float | None) 
     tokens = run.global_batch_size * run.seq_length
     for mode, (_, config) in models.items():
         schedule = config.depth_block_schedule()
-        reads = [schedule.sources(i).num_sources for i in range(1, schedule.num_sublayers + 1)]
-        reads = [*reads, schedule.num_final_sources()] if schedule.uses_depth_reads else []
+        reads = schedule.read_source_counts()
         flops = flops_per_token(mode_config(run, mode), vocab, pattern, reads)
         tflops = tokens / times[mode] * flops / 1e12
         ranks = dist.get_world_size()

@@ -47,8 +47,9 @@ def print_model_tables(results: dict, device: str) -> None:
             ]
         )
         if ratios["step_time_paired"] is not None:
-            rows.append([f"PP={pp}", "block / none, paired", ratios["step_time_paired"], None,
-                         None, None])  # fmt: skip
+            rows.append(
+                [f"PP={pp}", "block / none, paired", ratios["step_time_paired"], None, None, None]
+            )
     text = table(
         f"model: {results['config']}, median of {results['steps']} steps after "
         f"{results['warmup']} (modes interleaved; 'paired' = median of the per-round ratios)",

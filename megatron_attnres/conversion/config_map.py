@@ -1,5 +1,5 @@
 """The model part of a run config (Megatron-LM names) <-> the exported Hugging Face config (Kimi
-Linear's names plus the AttnRes keys of DESIGN section 3).
+Linear's names plus the AttnRes keys of docs/architecture.md section 3).
 
 Only what defines the function the model computes crosses over; training settings stay behind.
 Both directions refuse, by name, what the other side cannot express.
@@ -7,10 +7,10 @@ Both directions refuse, by name, what the other side cannot express.
 
 import dataclasses
 
+from megatron_attnres.config.megatron import layer_pattern
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.hf.configuration_attnres import AttnResConfig
 from megatron_attnres.mcore.model import hybrid_pattern
-from megatron_attnres.training.model_setup import layer_pattern
-from megatron_attnres.training.run_config import RunConfig
 
 # Hybrid-pattern mixer symbol <-> AttnResConfig.mixer_types entry.
 MIXERS = {"*": "full_attention", "+": "mla", "G": "kda"}

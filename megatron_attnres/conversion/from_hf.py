@@ -25,6 +25,10 @@ import torch
 import torch.distributed
 from safetensors import safe_open
 
+from megatron_attnres.checkpoint.format import model_signature
+from megatron_attnres.config.load import check_run_config, dump
+from megatron_attnres.config.megatron import layer_pattern, transformer_config
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.config_map import ConversionError, run_fields
 from megatron_attnres.conversion.hf.configuration_attnres import AttnResConfig
 from megatron_attnres.conversion.key_table import key_table
@@ -32,8 +36,6 @@ from megatron_attnres.conversion.megatron_io import CONFIG, one_rank_process_gro
 from megatron_attnres.conversion.output import human, staged_output
 from megatron_attnres.conversion.to_hf import INDEX, expected_hf_shapes
 from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
-from megatron_attnres.training.model_setup import layer_pattern, transformer_config
-from megatron_attnres.training.run_config import RunConfig, check_run_config, dump
 
 MODEL_TYPES = ("kimi_attnres", "kimi_linear")
 # transformers' kimi_linear saves a dense layer's MLP under block_sparse_moe (it renames every
@@ -79,8 +81,11 @@ def kimi_linear_fields(fields: dict, path: Path) -> dict:
             )
         fields["first_k_dense_replace"] = dense
     lin = dict(fields.get("linear_attn_config") or {})
-    for key, top in (("num_heads", "linear_num_heads"), ("head_dim", "linear_head_dim"),
-                     ("short_conv_kernel_size", "linear_conv_kernel_dim")):  # fmt: skip
+    for key, top in (
+        ("num_heads", "linear_num_heads"),
+        ("head_dim", "linear_head_dim"),
+        ("short_conv_kernel_size", "linear_conv_kernel_dim"),
+    ):
         if key not in lin and top in fields:
             lin[key] = fields[top]
     if lin:
@@ -171,8 +176,6 @@ def megatron_run_config(cfg: AttnResConfig, tp: int, pp: int, ep: int) -> RunCon
 
 def signature(run: RunConfig) -> dict:
     """The model fields the trainer records in its checkpoints and checks on load."""
-    from megatron_attnres.training.checkpointing import model_signature
-
     return model_signature(
         transformer_config(run),
         layer_pattern(run),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_attnres.conversion.hf.configuration_attnres import AttnResConfig
-from megatron_attnres.mcore.reference_mapping import fuse_qkv
+from megatron_attnres.mcore.weight_layout import fuse_qkv
 
 Tensors = Sequence[torch.Tensor]
 
@@ -68,15 +68,22 @@ def _pseudo_query(megatron: str, hf: str) -> Row:
 
 
 KDA_SAME = tuple(f"{n}_proj.weight" for n in ("q", "k", "v", "f_a", "f_b", "b", "g_a", "g_b"))
-KDA_SAME += ("q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight", "dt_bias",
-             "o_norm.weight", "o_proj.weight")  # fmt: skip
+KDA_SAME += (
+    "q_conv1d.weight",
+    "k_conv1d.weight",
+    "v_conv1d.weight",
+    "dt_bias",
+    "o_norm.weight",
+    "o_proj.weight",
+)
 
 
 def _kda_rows(m: str, a: str) -> list[Row]:
     """KDA keeps Kimi Linear's names on both sides; only A_log's layout differs: Megatron [H],
     the released checkpoint (and transformers' kimi_linear) [1, 1, H, 1]."""
-    a_log = Row(m + "A_log", (a + "A_log",), lambda t: (t.view(1, 1, -1, 1),),
-                lambda ts: ts[0].reshape(-1))  # fmt: skip
+    a_log = Row(
+        m + "A_log", (a + "A_log",), lambda t: (t.view(1, 1, -1, 1),), lambda ts: ts[0].reshape(-1)
+    )
     return [_same(m + name, a + name) for name in KDA_SAME] + [a_log]
 
 

@@ -14,12 +14,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from megatron_attnres.checkpoint import files as checkpoint_files
+from megatron_attnres.checkpoint.files import TRACKER, checkpoint_dir, write_tracker
+from megatron_attnres.checkpoint.format import (
+    CONFIG,
+    MODEL_ONLY,
+    model_state_key,
+    use_in_process_writer,
+)
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.config_map import ConversionError
-from megatron_attnres.training import checkpoint_files
-from megatron_attnres.training.checkpoint_files import TRACKER, checkpoint_dir, write_tracker
-from megatron_attnres.training.run_config import RunConfig, load_run_config
-
-CONFIG = "config.yaml"  # written by attnres-train beside the checkpoints
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -123,13 +128,11 @@ def write_model_only(tensors: dict[str, torch.Tensor], out: Path, common: dict) 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_attnres.training.checkpointing import use_in_process_writer
-
     target = checkpoint_dir(out, 0)
     target.mkdir(parents=True)
     model = {k: ShardedTensor.from_rank_offsets(k, t, replica_id=0) for k, t in tensors.items()}
     use_in_process_writer()  # no helper process (see its docstring)
-    dist_checkpointing.save({"model": model, "model_only": True, **common}, str(target))
+    dist_checkpointing.save({model_state_key(0, 1): model, MODEL_ONLY: True, **common}, str(target))
     write_tracker(out, 0)
     return target
 

@@ -100,8 +100,9 @@ def plan_shards(rows: list[Row], nbytes: dict[str, int], max_bytes: int) -> list
 def find_tokenizer(run, checkpoint: Path, explicit: str | None) -> Path:
     """--tokenizer; else tokenizer.model beside the checkpoints (attnres-convert-from-hf puts it
     there), the run's tokenizer_model, or the built-in corpus's (RUN_DIR/data)."""
-    candidates = [explicit] if explicit else [checkpoint.parent / "tokenizer.model",
-                                              run.tokenizer_model]  # fmt: skip
+    candidates = (
+        [explicit] if explicit else [checkpoint.parent / "tokenizer.model", run.tokenizer_model]
+    )
     if not explicit and run.data_path == ["builtin"]:
         candidates.append(Path(run.run_dir) / "data" / "tokenizer.model")
     for candidate in filter(None, candidates):

@@ -1,6 +1,6 @@
 /* Fused depth read for CPU, fp32 (megatron_attnres/kernels/depth_read_cpu.py builds and loads it).
  *
- * The math is LeanDepthRead's (attnres/depth_read.py, DESIGN section 3). Per token row t and
+ * The math is LeanDepthRead's (attnres/depth_read.py, docs/architecture.md section 3). Per token row t and
  * source j (v_j = sources[j] + t * H, N sources, hidden H):
  *     r_j = 1 / sqrt(mean(v_j^2) + eps),  t_j = v_j . q,  alpha = softmax_j(r_j t_j)
  *     out = sum_j alpha_j v_j                                  (accumulated in source order)

@@ -115,8 +115,11 @@ def _library():
             lib.attnres_depth_read_fwd.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, *[ptr] * 4]
             lib.attnres_weighted_sum.argtypes = [ptr, i64, i64, i64, ptr, ptr]
             lib.attnres_depth_read_bwd.argtypes = [ptr, ptr, i64, i64, i64, *[ptr] * 8]
-            for fn in (lib.attnres_depth_read_fwd, lib.attnres_weighted_sum,
-                       lib.attnres_depth_read_bwd):  # fmt: skip
+            for fn in (
+                lib.attnres_depth_read_fwd,
+                lib.attnres_weighted_sum,
+                lib.attnres_depth_read_bwd,
+            ):
                 fn.restype = None
             _state.update(lib=lib, reason=None)
     return _state["lib"]
@@ -133,8 +136,9 @@ def unavailable_reason() -> str | None:
 
 
 def _pointers(tensors) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t is not None else None
-                                              for t in tensors])  # fmt: skip
+    return (ctypes.c_void_p * len(tensors))(
+        *[t.data_ptr() if t is not None else None for t in tensors]
+    )
 
 
 def _rows(sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -147,8 +151,9 @@ def cpu_weighted_sum(alpha_NT: torch.Tensor, sources: Sequence[torch.Tensor]) ->
     rows = _rows(sources)
     out = torch.empty_like(rows[0])
     tokens, hidden = alpha_NT.shape[1], rows[0].shape[-1]
-    _library().attnres_weighted_sum(_pointers(rows), len(rows), tokens, hidden,
-                                    alpha_NT.data_ptr(), out.data_ptr())  # fmt: skip
+    _library().attnres_weighted_sum(
+        _pointers(rows), len(rows), tokens, hidden, alpha_NT.data_ptr(), out.data_ptr()
+    )
     return out
 
 
@@ -179,9 +184,16 @@ class CpuDepthRead(torch.autograd.Function):
         out = torch.empty_like(rows[0])
         stats = torch.empty(3, num, tokens)  # inverse rms, dots, alpha
         _library().attnres_depth_read_fwd(
-            _pointers(rows), num, tokens, hidden, w_H.data_ptr(), g_H.data_ptr(), eps,
-            out.data_ptr(), *_stat_pointers(stats),
-        )  # fmt: skip
+            _pointers(rows),
+            num,
+            tokens,
+            hidden,
+            w_H.data_ptr(),
+            g_H.data_ptr(),
+            eps,
+            out.data_ptr(),
+            *_stat_pointers(stats),
+        )
         ctx.save_for_backward(pseudo_query, key_norm_weight, stats, *rows)
         ctx.rebuild = partial(cpu_weighted_sum, stats[2])
         return out
@@ -198,9 +210,18 @@ class CpuDepthRead(torch.autograd.Function):
         grad_wg = torch.empty(2, hidden)
         base = grad_wg.data_ptr()
         _library().attnres_depth_read_bwd(
-            _pointers(rows), _pointers(grads), num, tokens, hidden, w_H.data_ptr(),
-            g_H.data_ptr(), grad_out.data_ptr(), *_stat_pointers(stats), base, base + 4 * hidden,
-        )  # fmt: skip
+            _pointers(rows),
+            _pointers(grads),
+            num,
+            tokens,
+            hidden,
+            w_H.data_ptr(),
+            g_H.data_ptr(),
+            grad_out.data_ptr(),
+            *_stat_pointers(stats),
+            base,
+            base + 4 * hidden,
+        )
         grad_w = grad_wg[0].to(pseudo_query.dtype) if needs[0] else None
         grad_g = grad_wg[1].to(key_norm_weight.dtype) if needs[1] else None
         return (grad_w, grad_g, None, *grads)

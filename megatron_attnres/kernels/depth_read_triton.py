@@ -1,8 +1,8 @@
 """Fused Triton depth read (forward + backward), a drop-in for `attnres.depth_read.depth_read`.
 
-The math and the memory-lean backward are `LeanDepthRead`'s (DESIGN section 3). Legend: N
-sources, T tokens (leading dims flattened), H hidden. Per token, in fp32 whatever the I/O dtype
-(fp32, bf16, fp16):
+The math and the memory-lean backward are `LeanDepthRead`'s (docs/architecture.md section 3).
+Legend: N sources, T tokens (leading dims flattened), H hidden. Per token, in fp32 whatever the
+I/O dtype (fp32, bf16, fp16):
 
     q = w * g,  r_j = rsqrt(mean(v_j^2) + eps),  t_j = v_j . q,  s_j = r_j t_j
     forward : one pass over the sources with an online softmax (running max m, denominator l,
@@ -115,9 +115,21 @@ def fused_depth_read_available(tensor: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- kernels
 # Plain functions, jitted lazily by `_kernels()` (TRITON_INTERPRET is read at jit time).
-def _forward_kernel(src_ptrs, q_ptr, out_ptr, inv_rms_ptr, dots_ptr, lse_ptr, num_sources,
-                    tokens, hidden, eps, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr):  # fmt: skip
+def _forward_kernel(
+    src_ptrs,
+    q_ptr,
+    out_ptr,
+    inv_rms_ptr,
+    dots_ptr,
+    lse_ptr,
+    num_sources,
+    tokens,
+    hidden,
+    eps,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_H)
     row_ok = rows < tokens
@@ -145,9 +157,22 @@ def _forward_kernel(src_ptrs, q_ptr, out_ptr, inv_rms_ptr, dots_ptr, lse_ptr, nu
     tl.store(lse_ptr + rows, run_max + tl.log(denom), mask=row_ok)
 
 
-def _backward_kernel(src_ptrs, grad_src_ptrs, grad_out_ptr, q_ptr, inv_rms_ptr, dots_ptr, lse_ptr,
-                     dq_partial_ptr, num_sources, tokens, hidden, DTYPE: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+def _backward_kernel(
+    src_ptrs,
+    grad_src_ptrs,
+    grad_out_ptr,
+    q_ptr,
+    inv_rms_ptr,
+    dots_ptr,
+    lse_ptr,
+    dq_partial_ptr,
+    num_sources,
+    tokens,
+    hidden,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     q = tl.load(q_ptr + cols, mask=cols < hidden, other=0.0)
@@ -204,8 +229,9 @@ class LaunchConfig:
     max_programs: int  # backward grid bound (rows of the dq partials)
 
 
-def launch_config(tokens: int, hidden: int, device: torch.device, block_tokens=None,
-                  max_programs=None) -> LaunchConfig:  # fmt: skip
+def launch_config(
+    tokens: int, hidden: int, device: torch.device, block_tokens=None, max_programs=None
+) -> LaunchConfig:
     """~4K fp32 elements per program tile; backward uses at most 4 programs per SM."""
     block_hidden = triton.next_power_of_2(hidden)
     if block_tokens is None:
@@ -252,11 +278,21 @@ class FusedDepthRead(torch.autograd.Function):
             forward_kernel, _ = _kernels()
             grid = (triton.cdiv(tokens, launch.block_tokens),)
             forward_kernel[grid](
-                _pointer_table(sources, device), q_H, out, inv_rms_NT, dots_NT, lse_T,
-                len(sources), tokens, hidden, eps, DTYPE=_tl_dtype(out.dtype),
-                BLOCK_T=launch.block_tokens, BLOCK_H=launch.block_hidden,
+                _pointer_table(sources, device),
+                q_H,
+                out,
+                inv_rms_NT,
+                dots_NT,
+                lse_T,
+                len(sources),
+                tokens,
+                hidden,
+                eps,
+                DTYPE=_tl_dtype(out.dtype),
+                BLOCK_T=launch.block_tokens,
+                BLOCK_H=launch.block_hidden,
                 num_warps=launch.num_warps,
-            )  # fmt: skip
+            )
         ctx.save_for_backward(pseudo_query, key_norm_weight, stats, *sources)
         ctx.launch = launch
         return out.view(shape)
@@ -276,12 +312,22 @@ class FusedDepthRead(torch.autograd.Function):
             _, backward_kernel = _kernels()
             q_H = (pseudo_query.float() * key_norm_weight.float()).contiguous()
             backward_kernel[(programs,)](
-                _pointer_table(sources, device), _pointer_table(grads, device),
-                grad_out.contiguous(), q_H, stats[:num], stats[num:-1], stats[-1], dq_partial,
-                num, tokens, hidden, DTYPE=_tl_dtype(sources[0].dtype),
-                BLOCK_T=launch.block_tokens, BLOCK_H=launch.block_hidden,
+                _pointer_table(sources, device),
+                _pointer_table(grads, device),
+                grad_out.contiguous(),
+                q_H,
+                stats[:num],
+                stats[num:-1],
+                stats[-1],
+                dq_partial,
+                num,
+                tokens,
+                hidden,
+                DTYPE=_tl_dtype(sources[0].dtype),
+                BLOCK_T=launch.block_tokens,
+                BLOCK_H=launch.block_hidden,
                 num_warps=launch.num_warps,
-            )  # fmt: skip
+            )
         dq_H = dq_partial.sum(dim=0)
         grad_w = (dq_H * key_norm_weight.float()).to(pseudo_query.dtype) if needs[0] else None
         grad_g = (dq_H * pseudo_query.float()).to(key_norm_weight.dtype) if needs[1] else None
@@ -315,8 +361,9 @@ def fused_depth_read(
             f"megatron_attnres.attnres.depth_read instead"
         )
     first = sources[0]
-    launch = launch_config(first.numel() // first.shape[-1], first.shape[-1], first.device,
-                           block_tokens, max_programs)  # fmt: skip
+    launch = launch_config(
+        first.numel() // first.shape[-1], first.shape[-1], first.device, block_tokens, max_programs
+    )
     return FusedDepthRead.apply(pseudo_query, key_norm_weight, float(eps), launch, *sources)
 
 
@@ -352,8 +399,13 @@ def depth_read_auto(
     kernel where `fused_depth_read_available` says so, else on CPU the C kernel
     (kernels/depth_read_cpu.py) for fp32 sources, else the PyTorch `LeanDepthRead`."""
     first = sources[0]
-    key = (os.environ.get(ENV_SWITCH), os.environ.get("TRITON_INTERPRET"), first.device,
-           first.dtype, first.shape[-1] if first.dim() else 0)  # fmt: skip
+    key = (
+        os.environ.get(ENV_SWITCH),
+        os.environ.get("TRITON_INTERPRET"),
+        first.device,
+        first.dtype,
+        first.shape[-1] if first.dim() else 0,
+    )
     choice = _CHOICES.get(key)
     if choice is None:
         choice = _CHOICES[key] = _choose(first)

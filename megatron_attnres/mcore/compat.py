@@ -1,4 +1,5 @@
-"""The "no CUDA" accommodations for megatron-core on hosts without a GPU (DESIGN section 4b).
+"""The "no CUDA" accommodations for megatron-core on hosts without a GPU (docs/architecture.md
+section 4, CPU mode (b)).
 
 megatron-core 0.19.2 assumes CUDA in many places. Everything this project changes to run it on a
 CPU-only host lives here, is applied only by `activate_cpu_compat()` and only when CUDA is absent;

@@ -26,8 +26,9 @@ UNFUSED_KERNELS = dict(
 )
 
 
-# The model family of DESIGN section 3b, as Megatron-Core fields: SwiGLU MLPs and experts,
-# RMSNorm, no biases, no dropout, HybridModel layers. Shared by the trainer and the reference map.
+# The model family of docs/architecture.md section 3b, as Megatron-Core fields: SwiGLU MLPs and
+# experts, RMSNorm, no biases, no dropout, HybridModel layers. Shared by the trainer and the
+# reference map.
 ARCHITECTURE = dict(
     gated_linear_unit=True,
     activation_func=F.silu,
@@ -88,6 +89,19 @@ class AttnResMLATransformerConfig(AttnResTransformerConfig, MLATransformerConfig
     """Keep the qk_pos_emb_head_dim channels of q and k but never rotate them (Kimi Linear)."""
 
 
+def experts_split_problem(experts: int, ep: int, name: str = "num_moe_experts"):
+    """(what is wrong, the fix) when the expert-parallel size does not divide the experts (each
+    EP rank holds the same number), else None. The one definition of this rule: the model config
+    refuses with it, and so do the run-config checks under their own field name."""
+    if not experts or experts % ep == 0:
+        return None
+    return (
+        f"{name}={experts} is not divisible by expert_model_parallel_size={ep} (each "
+        "expert-parallel rank holds the same number of experts)",
+        f"use an EP size dividing {experts}",
+    )
+
+
 def _refuse(combination: str, fix: str) -> None:
     raise ValueError(f"unsupported configuration: {combination}; {fix}")
 
@@ -111,12 +125,9 @@ def validate_attnres(cfg: AttnResTransformerConfig) -> None:
             f"attn_res_block_layers={k} with {layers} transformer layers",
             f"use at most {layers} layers per depth block",
         )
-    if cfg.num_moe_experts and cfg.num_moe_experts % cfg.expert_model_parallel_size:
-        _refuse(
-            f"num_moe_experts={cfg.num_moe_experts} with expert_model_parallel_size="
-            f"{cfg.expert_model_parallel_size}",
-            "the expert-parallel size must divide the number of experts",
-        )
+    problem = experts_split_problem(cfg.num_moe_experts or 0, cfg.expert_model_parallel_size)
+    if problem:
+        _refuse(*problem)
     if getattr(cfg, "mla_use_nope", False) and (cfg.rope_type != "rope" or cfg.apply_rope_fusion):
         _refuse(
             f"mla_use_nope=True with rope_type={cfg.rope_type!r}, "

@@ -108,9 +108,15 @@ class KimiDeltaAttention(MegatronModule):
         self.A_log = _tp_split(nn.Parameter(torch.empty(self.heads, **self._factory())))
         self.dt_bias = _tp_split(nn.Parameter(torch.empty(self.heads * dim, **self._factory())))
         self.o_proj = RowParallelLinear(
-            width, config.hidden_size, config=config, init_method=config.output_layer_init_method,
-            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group,
-        )  # fmt: skip
+            width,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            tp_group=self.tp_group,
+        )
         if config.perform_initialization:
             self.reset_parameters()
 
@@ -120,14 +126,20 @@ class KimiDeltaAttention(MegatronModule):
 
     def _column(self, fan_in: int, fan_out: int) -> ColumnParallelLinear:
         return ColumnParallelLinear(
-            fan_in, fan_out, config=self.config, init_method=self.config.init_method,
-            bias=False, gather_output=False, tp_group=self.tp_group,
-        )  # fmt: skip
+            fan_in,
+            fan_out,
+            config=self.config,
+            init_method=self.config.init_method,
+            bias=False,
+            gather_output=False,
+            tp_group=self.tp_group,
+        )
 
     def _conv(self) -> nn.Conv1d:
         channels = self.heads * self.head_dim
-        conv = nn.Conv1d(channels, channels, self.kernel, groups=channels, bias=False,
-                         **self._factory())  # fmt: skip
+        conv = nn.Conv1d(
+            channels, channels, self.kernel, groups=channels, bias=False, **self._factory()
+        )
         _tp_split(conv.weight)
         return conv
 
@@ -173,8 +185,14 @@ class KimiDeltaAttention(MegatronModule):
         normed = F.rms_norm(o.float(), (self.head_dim,), weight.float(), self.eps)
         return (normed * torch.sigmoid(gate.float())).to(o.dtype)
 
-    def forward(self, hidden_states, attention_mask=None, inference_context=None,
-                packed_seq_params=None, **unused):  # fmt: skip
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        inference_context=None,
+        packed_seq_params=None,
+        **unused,
+    ):
         if inference_context is not None or packed_seq_params is not None:
             raise NotImplementedError(
                 "KimiDeltaAttention supports training-style full sequences only; got "
@@ -186,8 +204,9 @@ class KimiDeltaAttention(MegatronModule):
         v = self._short_conv(self.v_proj(x)[0], self.v_conv1d)
         decay_rate = torch.exp(self.A_log.float())[:, None]  # [heads, 1]
         dt_bias = self.dt_bias.float().view(self.heads, self.head_dim)
-        g = -decay_rate * F.softplus(self._low_rank(x, self.f_a_proj, self.f_b_proj).float()
-                                     + dt_bias)  # fmt: skip
+        g = -decay_rate * F.softplus(
+            self._low_rank(x, self.f_a_proj, self.f_b_proj).float() + dt_bias
+        )
         beta = torch.sigmoid(self.b_proj(x)[0]).transpose(0, 1)  # [b, s, heads]
         o = kda_operator(q, k, v, g, beta)
         o = self._gated_norm(o, self._low_rank(x, self.g_a_proj, self.g_b_proj))
@@ -201,20 +220,53 @@ class KimiDeltaAttention(MegatronModule):
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         state = make_sharded_tensors_for_checkpoint(
-            own, prefix, {"A_log": 0, "dt_bias": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            own,
+            prefix,
+            {"A_log": 0, "dt_bias": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         for name, module in self.named_children():
             if isinstance(module, nn.Conv1d):
-                state.update(make_sharded_tensors_for_checkpoint(
-                    module.state_dict(keep_vars=True), f"{prefix}{name}.", {"weight": 0},
-                    sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-                ))  # fmt: skip
+                state.update(
+                    make_sharded_tensors_for_checkpoint(
+                        module.state_dict(keep_vars=True),
+                        f"{prefix}{name}.",
+                        {"weight": 0},
+                        sharded_offsets,
+                        tp_group=self.tp_group,
+                        dp_cp_group=metadata["dp_cp_group"],
+                    )
+                )
             else:
-                state.update(sharded_state_dict_default(
-                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
-                ))  # fmt: skip
+                state.update(
+                    sharded_state_dict_default(
+                        module,
+                        f"{prefix}{name}.",
+                        sharded_offsets,
+                        metadata,
+                        tp_group=self.tp_group,
+                    )
+                )
         return state
+
+
+def check_kda_tensor_parallel(heads: int, dim: int, tp: int) -> None:
+    """KDA splits whole heads over TP, and the low-rank gates' width D (the head dim) too. The
+    one definition of this rule: the layer and the run-config checks both call it."""
+    if heads % tp:
+        raise ValueError(
+            f"linear_num_key_heads={heads} is not divisible by tensor_model_parallel_size={tp} "
+            f"(each tensor-parallel rank holds whole KDA heads); use a TP size that divides "
+            f"{heads} or a multiple of {tp} KDA heads"
+        )
+    if dim % tp:
+        raise ValueError(
+            f"linear_key_head_dim={dim} is not divisible by tensor_model_parallel_size={tp} "
+            f"(mcore/kda.py splits the low-rank gates' width D, which is the head dim, over TP); "
+            f"use a TP size that divides {dim} or a head dim that is a multiple of {tp}"
+        )
 
 
 def _check_kda_shape(config, heads: int, dim: int, tp: int) -> None:
@@ -223,12 +275,7 @@ def _check_kda_shape(config, heads: int, dim: int, tp: int) -> None:
             f"KDA ('G') needs linear_num_key_heads >= 1 and linear_key_head_dim >= 1; got "
             f"{heads} and {dim}; set both in the config"
         )
-    if heads % tp or dim % tp:
-        raise ValueError(
-            f"KDA with tensor_model_parallel_size={tp}: linear_num_key_heads={heads} and "
-            f"linear_key_head_dim={dim} must both be divisible by it; choose a TP size that "
-            "divides both"
-        )
+    check_kda_tensor_parallel(heads, dim, tp)
     if config.context_parallel_size > 1:
         raise ValueError(
             f"KDA with context_parallel_size={config.context_parallel_size} is not supported; "

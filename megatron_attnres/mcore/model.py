@@ -103,8 +103,13 @@ def build_model(
     )
 
 
-def build_model_chunks(config: AttnResTransformerConfig, pattern: str, vocab_size: int,
-                       max_sequence_length: int, **kwargs) -> list[HybridModel]:  # fmt: skip
+def build_model_chunks(
+    config: AttnResTransformerConfig,
+    pattern: str,
+    vocab_size: int,
+    max_sequence_length: int,
+    **kwargs,
+) -> list[HybridModel]:
     """This rank's model chunks (one per virtual pipeline stage), with pre/post-processing on the
     first/last pipeline stage. `pattern` gets balanced cuts if it has none."""
     from megatron.core import parallel_state as ps
@@ -113,19 +118,26 @@ def build_model_chunks(config: AttnResTransformerConfig, pattern: str, vocab_siz
     chunks = []
     for vp in range(config.virtual_pipeline_model_parallel_size or 1):
         vp_stage = vp if config.virtual_pipeline_model_parallel_size else None
-        chunks.append(build_model(
-            config, pattern, vocab_size, max_sequence_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage, **kwargs,
-        ))  # fmt: skip
+        chunks.append(
+            build_model(
+                config,
+                pattern,
+                vocab_size,
+                max_sequence_length,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+                **kwargs,
+            )
+        )
     if len(chunks) > 1 and config.depth_block_schedule().uses_depth_reads:
         _share_summary_cache(config, pattern, chunks, ps.get_pipeline_model_parallel_rank())
     return chunks
 
 
 def _share_summary_cache(config, pattern: str, chunks: list, pipeline_rank: int) -> None:
-    """Interleaved stages: one SummaryCache per rank, shared by its chunks (DESIGN section 5)."""
+    """Interleaved stages: one SummaryCache per rank, shared by its chunks (docs/architecture.md
+    section 5)."""
     schedule, stages = config.depth_block_schedule(), config.pipeline_model_parallel_size
     entering = [schedule.summaries_entering(first) for first in chunk_first_layers(pattern)]
     cache = SummaryCache(entering, stages, pipeline_rank)

@@ -1,4 +1,4 @@
-"""Pipeline stages that exchange only depth-block summaries (DESIGN section 5).
+"""Pipeline stages that exchange only depth-block summaries (docs/architecture.md section 5).
 
 Stages are cut at depth-block boundaries, so the partial summary is empty at every cut and the
 payload from stage p to p + 1 is exactly the completed summaries [b_0 .. b_m], packed along the
@@ -6,9 +6,6 @@ sequence dimension into one [(m + 1) * s, b, h] tensor: Megatron-Core's schedule
 per micro-batch (with `variable_seq_lengths=True` the packed length may differ per boundary).
 The backward pass sends the gradient of that tensor, i.e. of every summary, back exactly once.
 """
-
-import contextlib
-from collections import defaultdict
 
 import torch
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -30,8 +27,9 @@ def unpack_summaries(packed: torch.Tensor, count: int) -> list[torch.Tensor]:
     return list(torch.chunk(packed, count, dim=0))
 
 
-def payload_bytes(schedule: DepthBlockSchedule, cut: int, tokens: int, hidden: int,
-                  act_bytes: int) -> int:  # fmt: skip
+def payload_bytes(
+    schedule: DepthBlockSchedule, cut: int, tokens: int, hidden: int, act_bytes: int
+) -> int:
     """Bytes crossing the cut after sublayer `cut` per micro-batch (each direction):
     (number of completed summaries, b_0 included) x tokens x hidden x bytes."""
     return schedule.summaries_entering(cut + 1) * tokens * hidden * act_bytes
@@ -78,67 +76,6 @@ def check_cuts(pattern: str, schedule: DepthBlockSchedule, num_segments: int) ->
             )
 
 
-class P2PTrafficCounter(contextlib.AbstractContextManager):
-    """Counts the bytes Megatron's pipeline p2p calls send and receive (activation and
-    gradient tensors), and apart from them the shape messages `SummaryP2PCommunicator` sends and
-    receives when payload shapes are not static.
-
-    `sent["next"]` lists the bytes of every tensor sent forward (activations) and
-    `sent["prev"]` backward (gradients); `received` likewise; `shape_messages` counts shape
-    sends plus shape receives.
-    """
-
-    def __init__(self):
-        self.sent = defaultdict(list)
-        self.received = defaultdict(list)
-        self.shape_messages = 0
-        self._patched = {}
-        self._shape_ops = None
-
-    def _wrap(self, fn):
-        def counted(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
-                    **kwargs):  # fmt: skip
-            flows = (("next", tensor_send_next, tensor_recv_prev),
-                     ("prev", tensor_send_prev, tensor_recv_next))  # fmt: skip
-            for direction, send, recv in flows:
-                if send is not None:
-                    self.sent[direction].append(send.numel() * send.element_size())
-                if recv is not None:
-                    self.received[direction].append(recv.numel() * recv.element_size())
-            return fn(tensor_send_prev=tensor_send_prev, tensor_recv_prev=tensor_recv_prev,
-                      tensor_send_next=tensor_send_next, tensor_recv_next=tensor_recv_next,
-                      **kwargs)  # fmt: skip
-
-        return counted
-
-    def __enter__(self):
-        from megatron.core.pipeline_parallel import p2p_communication as p2p
-
-        for name in ("_p2p_ops", "_batched_p2p_ops"):
-            self._patched[name] = getattr(p2p, name)
-            setattr(p2p, name, self._wrap(self._patched[name]))
-        global _ordered_p2p_ops
-        self._shape_ops = shape_ops = _ordered_p2p_ops
-
-        def counted_shapes(**kwargs):
-            names = ("tensor_send_prev", "tensor_recv_prev", "tensor_send_next", "tensor_recv_next")
-            self.shape_messages += sum(kwargs[name] is not None for name in names)
-            return shape_ops(**kwargs)
-
-        _ordered_p2p_ops = counted_shapes
-        return self
-
-    def __exit__(self, *exc):
-        from megatron.core.pipeline_parallel import p2p_communication as p2p
-
-        for name, fn in self._patched.items():
-            setattr(p2p, name, fn)
-        self._patched.clear()
-        global _ordered_p2p_ops
-        _ordered_p2p_ops = self._shape_ops
-        return False
-
-
 def chunk_first_layers(pattern: str) -> list[int]:
     """1-based first sublayer of every '|'-separated segment (pipeline chunk) of `pattern`."""
     firsts, done = [], 0
@@ -149,7 +86,8 @@ def chunk_first_layers(pattern: str) -> list[int]:
 
 
 class SummaryCache:
-    """Cross-stage summary cache of one rank's interleaved (virtual) pipeline chunks (DESIGN 5).
+    """Cross-stage summary cache of one rank's interleaved (virtual) pipeline chunks
+    (docs/architecture.md section 5).
 
     Global chunk c = v * P + pp_rank runs on rank c mod P. With `entering[c]` summaries (b_0
     included) entering chunk c, the rank of chunk c already holds, for the same micro-batch,
@@ -209,11 +147,17 @@ class SummaryCache:
     def cached(self, microbatch: int, chunk: int) -> list[torch.Tensor]:
         """The summaries 0 .. known(chunk) - 1 this rank holds for `microbatch`, in order."""
         vstage = chunk // self.P
-        held = [leaf for v in range(vstage) for part in self.PARTS
-                for leaf in self._leaves.get((microbatch, v, part), ())]  # fmt: skip
+        held = [
+            leaf
+            for v in range(vstage)
+            for part in self.PARTS
+            for leaf in self._leaves.get((microbatch, v, part), ())
+        ]
         if len(held) != self.known(chunk):
-            raise RuntimeError(f"summary cache holds {len(held)} summaries for chunk {chunk}, "
-                               f"expected {self.known(chunk)}")  # fmt: skip
+            raise RuntimeError(
+                f"summary cache holds {len(held)} summaries for chunk {chunk}, "
+                f"expected {self.known(chunk)}"
+            )
         if self.forward_only and vstage == self.V - 1:  # no backward will release them
             for key in [key for key in self._leaves if key[0] == microbatch]:
                 self._release(*key)
@@ -240,8 +184,9 @@ class SummaryCache:
             self.events.append(("release", microbatch, vstage, part, self.live_bytes))
         return leaves
 
-    def add_cached_gradients(self, packed: torch.Tensor, microbatch: int, chunk: int,
-                             part: str) -> torch.Tensor:  # fmt: skip
+    def add_cached_gradients(
+        self, packed: torch.Tensor, microbatch: int, chunk: int, part: str
+    ) -> torch.Tensor:
         """Identity in forward. In backward, adds the gradients of the cached copies of `part`
         (the summaries at the end of `packed`: chunk `chunk`'s received payload or the produced
         tail of its outgoing payload) and releases them."""
@@ -306,8 +251,10 @@ class SummaryP2PCommunicator(P2PCommunicator):
     def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
         if self.payload_shapes is not None:
             from_prev, from_next = self.payload_shapes
-            return (list(from_prev) if recv_prev else [0, 0, 0],
-                    list(from_next) if recv_next else [0, 0, 0])  # fmt: skip
+            return (
+                list(from_prev) if recv_prev else [0, 0, 0],
+                list(from_next) if recv_next else [0, 0, 0],
+            )
         device = torch.cuda.current_device()
 
         def shape_of(t):
@@ -316,13 +263,18 @@ class SummaryP2PCommunicator(P2PCommunicator):
         def empty_shape(wanted):
             return torch.empty(3, device=device, dtype=torch.int64) if wanted else None
 
-        shapes = dict(tensor_send_next=shape_of(tensor_send_next),
-                      tensor_send_prev=shape_of(tensor_send_prev),
-                      tensor_recv_prev=empty_shape(recv_prev),
-                      tensor_recv_next=empty_shape(recv_next))  # fmt: skip
-        requests = _ordered_p2p_ops(**shapes, group=self.pp_group,
-                                    prev_pipeline_rank=self.prev_rank,
-                                    next_pipeline_rank=self.next_rank)  # fmt: skip
+        shapes = dict(
+            tensor_send_next=shape_of(tensor_send_next),
+            tensor_send_prev=shape_of(tensor_send_prev),
+            tensor_recv_prev=empty_shape(recv_prev),
+            tensor_recv_next=empty_shape(recv_next),
+        )
+        requests = _ordered_p2p_ops(
+            **shapes,
+            group=self.pp_group,
+            prev_pipeline_rank=self.prev_rank,
+            next_pipeline_rank=self.next_rank,
+        )
         for request in requests.values():
             request.wait()
         received = (shapes["tensor_recv_prev"], shapes["tensor_recv_next"])

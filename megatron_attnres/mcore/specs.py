@@ -1,4 +1,4 @@
-"""Layer and stack specs for HybridModel with AttnRes (DESIGN section 4).
+"""Layer and stack specs for HybridModel with AttnRes (docs/architecture.md section 4).
 
 Every pattern symbol is one AttnRes sublayer ('*' attention, '+' MLA, 'G' Kimi Delta Attention,
 '-' dense MLP, 'E' MoE). A layer returns its *raw* output y = f(pre_norm(x))
@@ -72,15 +72,35 @@ class SDPACoreAttention(MegatronModule):
     q [sq, b, np, hk], k [sk, b, ng, hk], v [sk, b, ng, hv]; returns [sq, b, np * hv].
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 attention_dropout=None, softmax_scale=None, k_channels=None, v_channels=None,
-                 cp_comm_type=None, pg_collection=None, **unused):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        k_channels=None,
+        v_channels=None,
+        cp_comm_type=None,
+        pg_collection=None,
+        **unused,
+    ):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None, **unused):  # fmt: skip
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **unused,
+    ):
         if packed_seq_params is not None:
             raise NotImplementedError("SDPACoreAttention does not support packed sequences")
         heads, groups = query.shape[2], key.shape[2]
@@ -89,9 +109,13 @@ class SDPACoreAttention(MegatronModule):
             value = value.repeat_interleave(heads // groups, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            is_causal=True,
+            scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0,
-        )  # fmt: skip
+        )
         out = out.permute(2, 0, 1, 3)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
@@ -196,8 +220,11 @@ def attnres_te_stack_spec() -> ModuleSpec:
     for field in ("attention_layer", "mla_layer", "mlp_layer", "moe_layer"):
         layer = getattr(hybrid_stack_spec.submodules, field)
         # Swap the bias-dropout-add of the half each layer uses (the other half is an identity).
-        swaps = {name: raw_output_bda for name in ("self_attn_bda", "mlp_bda")
-                 if getattr(layer.submodules, name) is not IdentityFuncOp}  # fmt: skip
+        swaps = {
+            name: raw_output_bda
+            for name in ("self_attn_bda", "mlp_bda")
+            if getattr(layer.submodules, name) is not IdentityFuncOp
+        }
         submodules = dataclasses.replace(layer.submodules, **swaps)
         if field == "mla_layer":
             submodules = dataclasses.replace(submodules, self_attention=_te_mla(submodules))

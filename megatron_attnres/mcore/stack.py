@@ -1,4 +1,5 @@
-"""`AttnResHybridStack`: Megatron's HybridStack with the residual path of AttnRes (DESIGN 3, 4).
+"""`AttnResHybridStack`: Megatron's HybridStack with the residual path of AttnRes
+(docs/architecture.md sections 3 and 4).
 
 The layers come from the spec with `raw_output_bda`, so each returns its raw output
 y = f(pre_norm(x)). This stack forms every layer's input and carries the state between layers
@@ -33,8 +34,9 @@ from megatron_attnres.mcore.read_recompute import (
 
 
 class AttnResHybridStack(HybridStack):
-    def __init__(self, config, submodules, *args, final_norm_module=None, post_layer_norm=True,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self, config, submodules, *args, final_norm_module=None, post_layer_norm=True, **kwargs
+    ):
         # The parent would build TransformerEngine's norm; we build `final_norm_module` instead.
         super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
         self.post_layer_norm = post_layer_norm
@@ -105,9 +107,13 @@ class AttnResHybridStack(HybridStack):
         layers are), so pipeline stages do not collide and checkpoints reshard across PP."""
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.schedule.uses_depth_reads:
-            apply_prefix_mapping(state, {f"{prefix}depth_reads.{i}.":
-                                         f"{prefix}depth_reads.{layer.layer_number - 1}."
-                                         for i, layer in enumerate(self.layers)})  # fmt: skip
+            apply_prefix_mapping(
+                state,
+                {
+                    f"{prefix}depth_reads.{i}.": f"{prefix}depth_reads.{layer.layer_number - 1}."
+                    for i, layer in enumerate(self.layers)
+                },
+            )
         return state
 
     def _attnres_parameters(self):
@@ -115,8 +121,17 @@ class AttnResHybridStack(HybridStack):
         if self.output_read is not None:
             yield from self.output_read.parameters()
 
-    def forward(self, hidden_states, attention_mask, inference_context=None, rotary_pos_emb=None,
-                *, inference_params=None, packed_seq_params=None, padding_mask=None):  # fmt: skip
+    def forward(
+        self,
+        hidden_states,
+        attention_mask,
+        inference_context=None,
+        rotary_pos_emb=None,
+        *,
+        inference_params=None,
+        packed_seq_params=None,
+        padding_mask=None,
+    ):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError(
                 "AttnResHybridStack has no Megatron inference path; export to Hugging Face "
@@ -159,8 +174,9 @@ class AttnResHybridStack(HybridStack):
 
     def _forward_depth_attention(self, completed, layer_kwargs):
         partial = None
-        for read, layer, scope in zip(self.depth_reads, self.layers, self._read_scopes,
-                                      strict=True):  # fmt: skip
+        for read, layer, scope in zip(
+            self.depth_reads, self.layers, self._read_scopes, strict=True
+        ):
             if self.schedule.starts_block(layer.layer_number) and partial is not None:
                 completed, partial = [*completed, partial], None
             sources = completed if partial is None else [*completed, partial]
@@ -195,8 +211,12 @@ class AttnResHybridStack(HybridStack):
         cache, chunk = self.summary_cache, self.chunk_index
         if cache is None:
             return pack_summaries(completed)
-        cache.store(microbatch, chunk, received=completed[cache.known(chunk) : inherited],
-                    produced=completed[inherited:])  # fmt: skip
+        cache.store(
+            microbatch,
+            chunk,
+            received=completed[cache.known(chunk) : inherited],
+            produced=completed[inherited:],
+        )
         packed = pack_summaries(completed[cache.known(chunk + 1) :])
         return cache.add_cached_gradients(packed, microbatch, chunk, "produced")
 

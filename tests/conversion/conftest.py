@@ -54,6 +54,6 @@ def _one_intra_op_thread():
 def tokenizer_model(tmp_path_factory):
     """A sentencepiece model trained by attnres-train-tokenizer's code on the built-in corpus."""
     from megatron_attnres.data import builtin_corpus_path
-    from megatron_attnres.training.tokenizer import train_tokenizer
+    from megatron_attnres.data.tokenizer import train_tokenizer
 
     return train_tokenizer([builtin_corpus_path()], tmp_path_factory.mktemp("tok") / "tok", 384)

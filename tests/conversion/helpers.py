@@ -12,25 +12,33 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import layer_pattern, transformer_config
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.mcore.model import build_model_chunks
-from megatron_attnres.training.model_setup import layer_pattern, transformer_config
-from megatron_attnres.training.run_config import RunConfig, load_run_config
 
 
 def one_rank(run: RunConfig) -> RunConfig:
     return dataclasses.replace(
-        run, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
-        sequence_parallel=False, use_distributed_optimizer=False,
-    )  # fmt: skip
+        run,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=1,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+    )
 
 
 def build_one_rank_model(run: RunConfig, vocab_size: int):
     run = one_rank(run)
     (model,) = build_model_chunks(
-        transformer_config(run), layer_pattern(run), vocab_size, run.seq_length,
+        transformer_config(run),
+        layer_pattern(run),
+        vocab_size,
+        run.seq_length,
         share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
-    )  # fmt: skip
+    )
     return model.eval()
 
 

@@ -15,14 +15,31 @@ VOCAB = 128
 
 # Keys both AttnResConfig and transformers' KimiLinearConfig read the same way.
 SHAPE = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-    num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
-    num_experts_per_token=2, num_shared_experts=1, first_k_dense_replace=1,
-    routed_scaling_factor=2.5, moe_renormalize=True, rms_norm_eps=1e-6, kv_lora_rank=8,
-    q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_experts=4,
+    num_experts_per_token=2,
+    num_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    moe_renormalize=True,
+    rms_norm_eps=1e-6,
+    kv_lora_rank=8,
+    q_lora_rank=None,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    tie_word_embeddings=False,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
     linear_attn_config={"full_attn_layers": [2], "kda_layers": [1, 3], **KDA},
-)  # fmt: skip
+)
 
 
 def kda_config(**overrides) -> AttnResConfig:
@@ -45,8 +62,10 @@ def torch_kda_paths(monkeypatch):
     route its KDA calls to its own PyTorch implementations and count them."""
     kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
     calls = {"chunk": 0, "recurrent": 0}
-    for name, kind in (("chunk_kimi_delta_attention", "chunk"),
-                       ("recurrent_kimi_delta_attention", "recurrent")):  # fmt: skip
+    for name, kind in (
+        ("chunk_kimi_delta_attention", "chunk"),
+        ("recurrent_kimi_delta_attention", "recurrent"),
+    ):
         torch_path = getattr(kimi, name).__wrapped__
 
         def counted(*args, _path=torch_path, _kind=kind, **kwargs):

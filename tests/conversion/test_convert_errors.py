@@ -62,25 +62,38 @@ def _distcp(folder):
 
 # (damage to a copy of the HF folder, words the message must contain)
 FROM_HF_CASES = {
-    "missing_shard": (lambda d: next(d.glob("model-00002-*")).unlink(),
-                      ["model-00002-of-", "is missing", "complete folder"]),
-    "truncated_shard": (lambda d: next(d.glob("model-00001-*")).write_bytes(b"\0" * 7),
-                        ["cannot read", "model-00001-of-"]),
-    "unknown_architecture": (lambda d: _edit_json(d / "config.json", model_type="llama"),
-                             ["model_type 'llama'", "not a supported architecture",
-                              "kimi_attnres"]),
-    "wrong_config": (lambda d: _edit_json(d / "config.json", hidden_size=96),
-                     ["do not match config.json", "wrong shapes"]),
-    "config_refused": (lambda d: _edit_json(d / "config.json", attn_res_mode="diagonal"),
-                       ["attn_res_mode='diagonal'", "use one of"]),
-    "kda_without_sizes": (lambda d: _edit_json(d / "config.json",
-                                               mixer_types=["kda", "full_attention",
-                                                            "full_attention"]),
-                          ["linear_attn_config", "num_heads", "short_conv_kernel_size"]),
-    "no_weights": (lambda d: [p.unlink() for p in d.glob("model*")],
-                   ["neither model.safetensors.index.json nor model.safetensors"]),
+    "missing_shard": (
+        lambda d: next(d.glob("model-00002-*")).unlink(),
+        ["model-00002-of-", "is missing", "complete folder"],
+    ),
+    "truncated_shard": (
+        lambda d: next(d.glob("model-00001-*")).write_bytes(b"\0" * 7),
+        ["cannot read", "model-00001-of-"],
+    ),
+    "unknown_architecture": (
+        lambda d: _edit_json(d / "config.json", model_type="llama"),
+        ["model_type 'llama'", "not a supported architecture", "kimi_attnres"],
+    ),
+    "wrong_config": (
+        lambda d: _edit_json(d / "config.json", hidden_size=96),
+        ["do not match config.json", "wrong shapes"],
+    ),
+    "config_refused": (
+        lambda d: _edit_json(d / "config.json", attn_res_mode="diagonal"),
+        ["attn_res_mode='diagonal'", "use one of"],
+    ),
+    "kda_without_sizes": (
+        lambda d: _edit_json(
+            d / "config.json", mixer_types=["kda", "full_attention", "full_attention"]
+        ),
+        ["linear_attn_config", "num_heads", "short_conv_kernel_size"],
+    ),
+    "no_weights": (
+        lambda d: [p.unlink() for p in d.glob("model*")],
+        ["neither model.safetensors.index.json nor model.safetensors"],
+    ),
     "no_config": (lambda d: (d / "config.json").unlink(), ["config.json does not exist"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(FROM_HF_CASES))
@@ -105,25 +118,43 @@ def test_from_hf_refuses_a_layout_the_model_cannot_take(sources, tmp_path, capsy
 # Damage to a copy of the import's save directory (the converter is pointed at the save
 # directory; the "iter:" cases point it at the iter_0000000 directory itself).
 TO_HF_CASES = {
-    "iter:missing_rank_file": (lambda d: _distcp(d).unlink(),
-                               ["__0_0.distcp is missing", "earlier checkpoint"]),
-    "iter:truncated_rank_file": (lambda d: _distcp(d).write_bytes(b"\0" * 100),
-                                 ["__0_0.distcp has 100 bytes", "truncated"]),
-    "missing_rank_file": (lambda d: _distcp(d).unlink(),
-                          ["no usable checkpoint", "__0_0.distcp is missing"]),
-    "wrong_config": (lambda d: _edit_yaml(d / "config.yaml", num_layers=2),
-                     ["does not belong to this checkpoint", "--config"]),
-    "shape_mismatch": (lambda d: _edit_yaml(d / "config.yaml", ffn_hidden_size=64),
-                       ["linear_fc1.weight", "does not belong to this checkpoint"]),
+    "iter:missing_rank_file": (
+        lambda d: _distcp(d).unlink(),
+        ["__0_0.distcp is missing", "earlier checkpoint"],
+    ),
+    "iter:truncated_rank_file": (
+        lambda d: _distcp(d).write_bytes(b"\0" * 100),
+        ["__0_0.distcp has 100 bytes", "truncated"],
+    ),
+    "missing_rank_file": (
+        lambda d: _distcp(d).unlink(),
+        ["no usable checkpoint", "__0_0.distcp is missing"],
+    ),
+    "wrong_config": (
+        lambda d: _edit_yaml(d / "config.yaml", num_layers=2),
+        ["does not belong to this checkpoint", "--config"],
+    ),
+    "shape_mismatch": (
+        lambda d: _edit_yaml(d / "config.yaml", ffn_hidden_size=64),
+        ["linear_fc1.weight", "does not belong to this checkpoint"],
+    ),
     "no_run_config": (lambda d: (d / "config.yaml").unlink(), ["pass --config"]),
-    "no_tokenizer": (lambda d: [(d / "tokenizer.model").unlink(),
-                                _edit_yaml(d / "config.yaml", tokenizer_model="/gone/tok.model")],
-                     ["tokenizer model not found", "/gone/tok.model", "--tokenizer"]),
+    "no_tokenizer": (
+        lambda d: [
+            (d / "tokenizer.model").unlink(),
+            _edit_yaml(d / "config.yaml", tokenizer_model="/gone/tok.model"),
+        ],
+        ["tokenizer model not found", "/gone/tok.model", "--tokenizer"],
+    ),
     "torn_tracker": (lambda d: shutil.rmtree(d / "iter_0000000"), ["no usable checkpoint"]),
-    "not_a_checkpoint": (lambda d: [shutil.rmtree(d / "iter_0000000"),
-                                    (d / "latest_checkpointed_iteration.txt").unlink()],
-                         ["holds no dist checkpoint"]),
-}  # fmt: skip
+    "not_a_checkpoint": (
+        lambda d: [
+            shutil.rmtree(d / "iter_0000000"),
+            (d / "latest_checkpointed_iteration.txt").unlink(),
+        ],
+        ["holds no dist checkpoint"],
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(TO_HF_CASES))
@@ -163,7 +194,8 @@ def test_a_failure_while_writing_leaves_no_partial_folder(sources, tmp_path, mon
 
     monkeypatch.setattr(to_hf, "save_file", save_file)
     with pytest.raises(OSError, match="No space left"):
-        to_hf.convert_to_hf(sources / "megatron", tmp_path / "out", max_shard_size="50KB",
-                            log=lambda _: None)  # fmt: skip
+        to_hf.convert_to_hf(
+            sources / "megatron", tmp_path / "out", max_shard_size="50KB", log=lambda _: None
+        )
     assert len(written) == 3 and written[0].parent.name.startswith(".out.partial-")
     assert no_output_left(tmp_path)

@@ -24,25 +24,45 @@ MAX_ABS_DIFF = 1e-4
 def hf_config(**overrides) -> AttnResConfig:
     """3 layers (dense first, then MoE with a sigmoid router, expert bias and a shared expert)."""
     fields = dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_token=2, num_shared_experts=2, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, mixer_types=["full_attention"] * 3, attn_res_mode="block",
-        attn_res_block_size=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        mixer_types=["full_attention"] * 3,
+        attn_res_mode="block",
+        attn_res_block_size=2,
+        max_position_embeddings=64,
+        pad_token_id=None,
+        bos_token_id=None,
         eos_token_id=None,
-    )  # fmt: skip
+    )
     return AttnResConfig(**{**fields, **overrides})
 
 
-MLA = dict(mixer_types=["mla"] * 3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-           v_head_dim=16, mla_use_nope=False)  # fmt: skip
+MLA = dict(
+    mixer_types=["mla"] * 3,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    mla_use_nope=False,
+)
 CASES = {
     "gqa_block": {},
-    "gqa_full_softmax": dict(attn_res_mode="full", moe_router_activation_func="softmax",
-                             use_expert_bias=False),
+    "gqa_full_softmax": dict(
+        attn_res_mode="full", moe_router_activation_func="softmax", use_expert_bias=False
+    ),
     "mla_qlora_block": dict(MLA, q_lora_rank=24),
     "mla_none_tied": dict(MLA, attn_res_mode="none", tie_word_embeddings=True),
-}  # fmt: skip
+}
 
 
 def hf_folder(path, cfg: AttnResConfig, tokenizer_model=None):
@@ -82,21 +102,40 @@ def test_import_computes_the_hf_logits_and_round_trips_bitwise(
         assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
 
 
-def test_kimi_linear_imports_and_attnres_off_exports_back(tmp_path, tokenizer_model,
-                                                          megatron_one_rank):  # fmt: skip
+def test_kimi_linear_imports_and_attnres_off_exports_back(
+    tmp_path, tokenizer_model, megatron_one_rank
+):
     """Kimi Linear (MLA layers, NoPE, no KDA) through Megatron and back, with transformers'
     kimi_linear as the oracle on both ends."""
     kimi = pytest.importorskip("transformers.models.kimi_linear")
     shape = dict(
-        vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_token=2, num_shared_experts=2, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, moe_renormalize=True, rms_norm_eps=1e-6, kv_lora_rank=16,
-        q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=0, v_head_dim=16, mla_use_nope=True,
-        tie_word_embeddings=False, max_position_embeddings=64, pad_token_id=None,
-        bos_token_id=None, eos_token_id=None,
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        moe_renormalize=True,
+        rms_norm_eps=1e-6,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=0,
+        v_head_dim=16,
+        mla_use_nope=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
         linear_attn_config={"full_attn_layers": [1, 2, 3], "kda_layers": []},
-    )  # fmt: skip
+    )
     theirs = kimi.KimiLinearForCausalLM(kimi.KimiLinearConfig(**shape)).eval()
     randomise_hf(theirs)  # non-trivial norm gains and expert biases
     theirs.save_pretrained(tmp_path / "kimi")
@@ -121,15 +160,17 @@ def test_kimi_linear_imports_and_attnres_off_exports_back(tmp_path, tokenizer_mo
         assert (loaded.eval()(tokens()).logits - expected).abs().max() < MAX_ABS_DIFF
 
 
-def test_negative_control_a_gate_up_swap_breaks_parity(tmp_path, tokenizer_model, megatron_one_rank,
-                                                       monkeypatch):  # fmt: skip
+def test_negative_control_a_gate_up_swap_breaks_parity(
+    tmp_path, tokenizer_model, megatron_one_rank, monkeypatch
+):
     """The parity bound is tight enough to catch a converter that swaps SwiGLU's gate and up
     halves of the dense and shared-expert MLPs."""
     from megatron_attnres.conversion import key_table
 
     def swapped(megatron, hf_gate, hf_up):
-        return key_table.Row(megatron, (hf_gate, hf_up), lambda t: t.chunk(2),
-                             lambda ts: torch.cat([ts[1], ts[0]]))  # fmt: skip
+        return key_table.Row(
+            megatron, (hf_gate, hf_up), lambda t: t.chunk(2), lambda ts: torch.cat([ts[1], ts[0]])
+        )
 
     monkeypatch.setattr(key_table, "_swiglu", swapped)
     hf = hf_folder(tmp_path / "hf", hf_config(), tokenizer_model)

@@ -125,8 +125,20 @@ def test_training_continues_from_an_import(exported_run, tmp_path):
     expert-bias update) must leave exactly the imported weights in the run's checkpoint."""
     _, exported = exported_run((1, 1, 1))
     imported = convert_from_hf(exported, tmp_path / "imported", log=lambda _: None)
-    frozen = ["--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--lr-wsd-decay-iters", "1",
-              "--moe-router-bias-update-rate", "0", "--vocab-size", "1024"]  # fmt: skip
+    frozen = [
+        "--lr",
+        "0",
+        "--min-lr",
+        "0",
+        "--lr-warmup-iters",
+        "0",
+        "--lr-wsd-decay-iters",
+        "1",
+        "--moe-router-bias-update-rate",
+        "0",
+        "--vocab-size",
+        "1024",
+    ]
     run_dir = tmp_path / "run"
     done = train(run_dir, *frozen, "--train-iters", "1", "--load", str(imported))
     assert "a model-only checkpoint" in done.stdout and "model config" not in done.stdout

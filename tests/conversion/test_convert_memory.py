@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
+from megatron_attnres.config.load import dump
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.config_map import run_fields
 from megatron_attnres.conversion.hf.configuration_attnres import AttnResConfig
 from megatron_attnres.conversion.key_table import key_table
 from megatron_attnres.conversion.megatron_io import write_model_only
 from megatron_attnres.conversion.to_hf import expected_hf_shapes
-from megatron_attnres.training.run_config import RunConfig, dump
 from tests.training.trainer_runs import ROOT, clean_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.mcore]
@@ -25,12 +26,24 @@ NEEDED_DISK = 6 * 10**9  # the checkpoint and the export, 2.3 GB each, plus slac
 # 8 shards of 269-319 MB. The largest tensor (134 MB) is under half a shard: the reader holds a
 # tensor and its one stored chunk at once, as megatron's writer stores each rank's piece.
 CONFIG = dict(
-    vocab_size=8192, hidden_size=2048, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=4, intermediate_size=4096, moe_intermediate_size=1024, num_experts=8,
-    num_experts_per_token=2, num_shared_experts=1, first_k_dense_replace=0,
-    mixer_types=["full_attention"] * 8, attn_res_mode="block", attn_res_block_size=2,
-    pad_token_id=None, bos_token_id=None, eos_token_id=None,
-)  # fmt: skip
+    vocab_size=8192,
+    hidden_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=4096,
+    moe_intermediate_size=1024,
+    num_experts=8,
+    num_experts_per_token=2,
+    num_shared_experts=1,
+    first_k_dense_replace=0,
+    mixer_types=["full_attention"] * 8,
+    attn_res_mode="block",
+    attn_res_block_size=2,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 SHARD = "320MB"
 
 # getrusage's ru_maxrss would be wrong here: Linux carries it over from the forking (pytest)
@@ -69,8 +82,12 @@ def test_export_peak_memory_is_below_two_shards(tmp_path, tokenizer_model, megat
     out = tmp_path / "hf"
     done = subprocess.run(
         [sys.executable, "-c", MEASURE, str(tmp_path / "megatron"), str(out), SHARD],
-        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rss = json.loads(done.stdout.strip().splitlines()[-1])
     shards = sorted(out.glob("model-*-of-*.safetensors"))

@@ -35,30 +35,46 @@ def reference_config(mode: str, router: str = "sigmoid") -> ReferenceConfig:
     """3 layers (a dense first layer, then MoE with a shared expert), GQA with RoPE; block mode
     has 2 layers per depth block, so the last depth block is shorter."""
     return ReferenceConfig(
-        num_layers=3, num_query_groups=2, first_k_dense=1, num_experts=4, moe_router_topk=2,
-        moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=64,
-        moe_router_score_function=router, moe_router_enable_expert_bias=router == "sigmoid",
-        moe_router_topk_scaling_factor=2.5, residual_mode=mode, layers_per_block=2,
-    )  # fmt: skip
+        num_layers=3,
+        num_query_groups=2,
+        first_k_dense=1,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=64,
+        moe_router_score_function=router,
+        moe_router_enable_expert_bias=router == "sigmoid",
+        moe_router_topk_scaling_factor=2.5,
+        residual_mode=mode,
+        layers_per_block=2,
+    )
 
 
 def hf_config_for(rc: ReferenceConfig, **overrides) -> AttnResConfig:
     assert rc.position_embedding_type == "rope" and not rc.tie_embeddings
     assert rc.moe_shared_expert_intermediate_size % rc.moe_ffn_hidden_size == 0
     fields = dict(
-        vocab_size=rc.vocab_size, hidden_size=rc.hidden_size, num_hidden_layers=rc.num_layers,
-        num_attention_heads=rc.num_attention_heads, num_key_value_heads=rc.num_query_groups,
-        intermediate_size=rc.ffn_hidden_size, moe_intermediate_size=rc.moe_ffn_hidden_size,
-        num_experts=rc.num_experts, num_experts_per_token=rc.moe_router_topk,
+        vocab_size=rc.vocab_size,
+        hidden_size=rc.hidden_size,
+        num_hidden_layers=rc.num_layers,
+        num_attention_heads=rc.num_attention_heads,
+        num_key_value_heads=rc.num_query_groups,
+        intermediate_size=rc.ffn_hidden_size,
+        moe_intermediate_size=rc.moe_ffn_hidden_size,
+        num_experts=rc.num_experts,
+        num_experts_per_token=rc.moe_router_topk,
         num_shared_experts=rc.moe_shared_expert_intermediate_size // rc.moe_ffn_hidden_size,
         first_k_dense_replace=rc.first_k_dense,
         moe_router_activation_func=rc.moe_router_score_function,
         routed_scaling_factor=rc.moe_router_topk_scaling_factor or 1.0,
         moe_renormalize=rc.moe_router_score_function == "sigmoid" or not rc.moe_router_pre_softmax,
-        use_expert_bias=rc.moe_router_enable_expert_bias, rms_norm_eps=rc.norm_eps,
-        rope_theta=rc.rotary_base, mixer_types=["full_attention"] * rc.num_layers,
-        attn_res_mode=rc.residual_mode, attn_res_block_size=rc.layers_per_block,
-    )  # fmt: skip
+        use_expert_bias=rc.moe_router_enable_expert_bias,
+        rms_norm_eps=rc.norm_eps,
+        rope_theta=rc.rotary_base,
+        mixer_types=["full_attention"] * rc.num_layers,
+        attn_res_mode=rc.residual_mode,
+        attn_res_block_size=rc.layers_per_block,
+    )
     return AttnResConfig(**{**fields, **overrides})
 
 
@@ -125,13 +141,26 @@ def hf_twin(ref: ReferenceModel, **overrides) -> AttnResForCausalLM:
 
 def mla_config(**overrides) -> AttnResConfig:
     fields = dict(
-        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_token=2,
-        num_shared_experts=1, routed_scaling_factor=2.5, num_key_value_heads=2,
-        mixer_types=["mla", "full_attention", "mla"], kv_lora_rank=16, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=16, mla_use_nope=False, attn_res_mode="block",
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=1,
+        routed_scaling_factor=2.5,
+        num_key_value_heads=2,
+        mixer_types=["mla", "full_attention", "mla"],
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        mla_use_nope=False,
+        attn_res_mode="block",
         attn_res_block_size=2,
-    )  # fmt: skip
+    )
     return AttnResConfig(**{**fields, **overrides})
 
 
@@ -160,17 +189,22 @@ def test_weight_names_follow_kimi_and_the_attnres_export_names():
     for expected in [
         "model.layers.0.self_attention_res_proj.weight",
         "model.layers.0.self_attention_res_norm.weight",
-        "model.layers.0.mlp_res_proj.weight", "model.layers.0.mlp_res_norm.weight",
-        "model.output_attn_res_proj.weight", "model.output_attn_res_norm.weight",
-        "model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_a_layernorm.weight",
+        "model.layers.0.mlp_res_proj.weight",
+        "model.layers.0.mlp_res_norm.weight",
+        "model.output_attn_res_proj.weight",
+        "model.output_attn_res_norm.weight",
+        "model.layers.0.self_attn.q_a_proj.weight",
+        "model.layers.0.self_attn.q_a_layernorm.weight",
         "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
         "model.layers.2.self_attn.kv_b_proj.weight",
-        "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.1.self_attn.k_proj.weight",
-        "model.layers.0.mlp.gate_proj.weight", "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.0.self_attn.kv_a_layernorm.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.block_sparse_moe.gate.weight",
         "model.layers.1.block_sparse_moe.gate.e_score_correction_bias",
         "model.layers.1.block_sparse_moe.experts.3.w1.weight",
         "model.layers.1.block_sparse_moe.shared_experts.down_proj.weight",
-    ]:  # fmt: skip
+    ]:
         assert expected in names, expected
     plain = AttnResForCausalLM(mla_config(attn_res_mode="none")).state_dict()
     assert not [n for n in plain if "attn_res" in n or "_res_" in n]
@@ -193,9 +227,13 @@ def greedy_reference(ref: ReferenceModel, ids, new_tokens: int):
 def generate(model, ids, use_cache: bool, new_tokens=12, attention_mask=None):
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     return model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-        use_cache=use_cache, pad_token_id=0,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=use_cache,
+        pad_token_id=0,
+    )
 
 
 def test_greedy_generation_with_cache_matches_the_reference_and_no_cache():
@@ -278,16 +316,33 @@ def save_then_load(model, tmp_path, foreign_config, foreign_class):
 
 def test_attnres_off_mla_export_loads_in_transformers_kimi_linear(tmp_path):
     """attn_res_mode 'none' with MLA (NoPE) mixers, a dense first layer and a sigmoid MoE with
-    expert bias and a shared expert is a Kimi Linear checkpoint (DESIGN section 3)."""
+    expert bias and a shared expert is a Kimi Linear checkpoint (docs/architecture.md section 3)."""
     kimi = pytest.importorskip("transformers.models.kimi_linear")
     shape = dict(
-        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_token=2, num_shared_experts=2, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, moe_renormalize=True, rms_norm_eps=1e-6, kv_lora_rank=16,
-        q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
-        tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_token=2,
+        num_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        moe_renormalize=True,
+        rms_norm_eps=1e-6,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     ours = AttnResConfig(**shape, mixer_types=["mla"] * 3, mla_use_nope=True, attn_res_mode="none")
     model = randomise_hf(AttnResForCausalLM(ours)).eval()
     kimi_config = kimi.KimiLinearConfig(
@@ -304,19 +359,35 @@ def test_mla_rope_matches_transformers_deepseek_v3(tmp_path, q_lora_rank):
     """Megatron's MLA RoPE (de-interleave, then rotate-half) is DeepSeek-V3's interleaved RoPE."""
     deepseek = pytest.importorskip("transformers.models.deepseek_v3")
     shape = dict(
-        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, rms_norm_eps=1e-6, kv_lora_rank=16, q_lora_rank=q_lora_rank,
-        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        rms_norm_eps=1e-6,
+        kv_lora_rank=16,
+        q_lora_rank=q_lora_rank,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        tie_word_embeddings=False,
+    )
     ours = AttnResConfig(
         **shape, num_experts=0, mixer_types=["mla"] * 2, mla_use_nope=False, attn_res_mode="none"
     )
     model = randomise_hf(AttnResForCausalLM(ours)).eval()
     ds_config = deepseek.DeepseekV3Config(
-        **shape, num_key_value_heads=4, first_k_dense_replace=2, n_routed_experts=4,
-        n_group=1, topk_group=1, rope_interleave=True, pad_token_id=None, bos_token_id=None,
+        **shape,
+        num_key_value_heads=4,
+        first_k_dense_replace=2,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        rope_interleave=True,
+        pad_token_id=None,
+        bos_token_id=None,
         eos_token_id=None,
-    )  # fmt: skip
+    )
     theirs = save_then_load(model, tmp_path, ds_config, deepseek.DeepseekV3ForCausalLM)
     ids = tokens()
     with torch.no_grad():
@@ -372,16 +443,18 @@ def test_shipped_files_import_only_torch_transformers_and_the_standard_library(p
                 assert top in allowed, ast.unparse(node)
 
 
-@pytest.mark.parametrize(("name", "package"), [("modeling_kda.py", "fla"),
-                                               ("depth_read_triton.py", "triton")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "package"), [("modeling_kda.py", "fla"), ("depth_read_triton.py", "triton")]
+)
 def test_optional_imports_are_guarded(name, package):
     (shipped_file,) = [p for p in MODELING_FILES if p.name == name]
     tree = ast.parse(shipped_file.read_text())
     imports = [
-        node for node in ast.walk(tree)
+        node
+        for node in ast.walk(tree)
         if (isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package))
         or (isinstance(node, ast.Import) and any(a.name.startswith(package) for a in node.names))
-    ]  # fmt: skip
+    ]
     guarded = [n for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)]
     assert imports and all(node in guarded for node in imports)
 

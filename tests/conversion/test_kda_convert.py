@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.conversion.config_map import hf_config, run_fields
 from megatron_attnres.conversion.from_hf import DENSE_ALIAS, convert_from_hf
 from megatron_attnres.conversion.hf.modeling_attnres import AttnResForCausalLM
 from megatron_attnres.conversion.key_table import key_table
 from megatron_attnres.conversion.to_hf import convert_to_hf
-from megatron_attnres.training.run_config import RunConfig
 from tests.conversion.helpers import load_megatron_model, megatron_logits, randomise_hf
 from tests.conversion.kda_helpers import SHAPE, VOCAB, D, H, K, kda_config, tokens, torch_kda_paths
 
@@ -53,8 +53,11 @@ def test_key_table_gives_the_contract_names_and_round_trips_bitwise(mode):
     tensors = megatron_tensors(model)
     for j in (0, 4):  # sublayers 0 and 4: the mixers of HF layers 0 and 2 (KDA)
         prefix = f"decoder.layers.{j}."
-        found = {k.removeprefix(prefix): list(v.shape) for k, v in tensors.items()
-                 if k.startswith(prefix)}  # fmt: skip
+        found = {
+            k.removeprefix(prefix): list(v.shape)
+            for k, v in tensors.items()
+            if k.startswith(prefix)
+        }
         assert found == CONTRACT, j
     hf_a_log = model.model.layers[2].self_attn.A_log
     assert hf_a_log.shape == (1, 1, H, 1)
@@ -67,21 +70,40 @@ def test_key_table_gives_the_contract_names_and_round_trips_bitwise(mode):
 
 def test_config_map_carries_kda_and_mla_nope_both_ways():
     run = RunConfig(
-        hidden_size=h, num_attention_heads=2, hybrid_layer_pattern="G-+EGE", num_layers=3,
-        num_experts=4, moe_first_k_dense=1, moe_ffn_hidden_size=16,
-        moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
-        qk_layernorm=True, kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8,
-        mla_use_nope=True, linear_num_key_heads=H, linear_key_head_dim=D,
-        linear_conv_kernel_dim=K, enable_attention_residuals=False,
-    )  # fmt: skip
+        hidden_size=h,
+        num_attention_heads=2,
+        hybrid_layer_pattern="G-+EGE",
+        num_layers=3,
+        num_experts=4,
+        moe_first_k_dense=1,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        qk_layernorm=True,
+        kv_lora_rank=8,
+        qk_head_dim=8,
+        qk_pos_emb_head_dim=4,
+        v_head_dim=8,
+        mla_use_nope=True,
+        linear_num_key_heads=H,
+        linear_key_head_dim=D,
+        linear_conv_kernel_dim=K,
+        enable_attention_residuals=False,
+    )
     cfg = hf_config(run, VOCAB)
     assert cfg.mixer_types == ["kda", "mla", "kda"] and cfg.mla_use_nope
     assert cfg.qk_rope_head_dim == 4 and cfg.attn_res_mode == "none"
     assert cfg.linear_attn_config == SHAPE["linear_attn_config"]
     fields = run_fields(cfg)
     assert fields["hybrid_layer_pattern"] == "G-+EGE" and fields["mla_use_nope"] is True
-    for key in ("linear_num_key_heads", "linear_key_head_dim", "linear_conv_kernel_dim",
-                "qk_pos_emb_head_dim", "kv_lora_rank", "num_experts"):  # fmt: skip
+    for key in (
+        "linear_num_key_heads",
+        "linear_key_head_dim",
+        "linear_conv_kernel_dim",
+        "qk_pos_emb_head_dim",
+        "kv_lora_rank",
+        "num_experts",
+    ):
         assert fields[key] == getattr(run, key), key
     rotated = hf_config(dataclasses.replace(run, mla_use_nope=False), VOCAB)
     assert not rotated.mla_use_nope and run_fields(rotated)["mla_use_nope"] is False
@@ -106,8 +128,11 @@ def kimi_folder(path, tokenizer_model, monkeypatch):
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
-    return {DENSE_ALIAS.sub(r".mlp.\1_proj.", k): v
-            for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # fmt: skip
+    return {
+        DENSE_ALIAS.sub(r".mlp.\1_proj.", k): v
+        for f in folder.glob("*.safetensors")
+        for k, v in load_file(f).items()
+    }
 
 
 @pytest.mark.mcore
@@ -131,16 +156,35 @@ def test_kimi_linear_with_kda_imports_and_round_trips_bitwise(
 def kda_run(**overrides) -> RunConfig:
     """KDA, MLA (NoPE with rope channels), KDA; dense then MoE; Block AttnResidual."""
     fields = dict(
-        hidden_size=h, num_attention_heads=2, hybrid_layer_pattern="G-+EGE", num_layers=3,
-        num_experts=4, moe_first_k_dense=1, moe_ffn_hidden_size=16, ffn_hidden_size=48,
-        moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
-        qk_layernorm=True, kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8,
-        mla_use_nope=True, linear_num_key_heads=H, linear_key_head_dim=D,
-        linear_conv_kernel_dim=K, norm_epsilon=1e-6, seq_length=32, vocab_size=VOCAB,
+        hidden_size=h,
+        num_attention_heads=2,
+        hybrid_layer_pattern="G-+EGE",
+        num_layers=3,
+        num_experts=4,
+        moe_first_k_dense=1,
+        moe_ffn_hidden_size=16,
+        ffn_hidden_size=48,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        qk_layernorm=True,
+        kv_lora_rank=8,
+        qk_head_dim=8,
+        qk_pos_emb_head_dim=4,
+        v_head_dim=8,
+        mla_use_nope=True,
+        linear_num_key_heads=H,
+        linear_key_head_dim=D,
+        linear_conv_kernel_dim=K,
+        norm_epsilon=1e-6,
+        seq_length=32,
+        vocab_size=VOCAB,
         init_method_std=0.1,  # O(1) logits
-        enable_attention_residuals=True, attn_res_mode="block", attn_res_block_layers=1,
-    )  # fmt: skip
+        enable_attention_residuals=True,
+        attn_res_mode="block",
+        attn_res_block_layers=1,
+    )
     return RunConfig(**{**fields, **overrides})
 
 
@@ -149,9 +193,9 @@ def save_megatron(model, run: RunConfig, save_dir, tokenizer_model):
     SAVE/config.yaml and the tokenizer beside it."""
     from megatron.core import dist_checkpointing
 
+    from megatron_attnres.checkpoint.files import checkpoint_dir, write_tracker
+    from megatron_attnres.config.load import dump
     from megatron_attnres.conversion.from_hf import signature
-    from megatron_attnres.training.checkpoint_files import checkpoint_dir, write_tracker
-    from megatron_attnres.training.run_config import dump
     from tests.conversion.helpers import model_template
 
     target = checkpoint_dir(save_dir, 0)
@@ -165,7 +209,7 @@ def save_megatron(model, run: RunConfig, save_dir, tokenizer_model):
 
 def debug_run(**overrides) -> RunConfig:
     """configs/kimi_linear_debug.yaml (8 layers 'G-GEGE+EGEGEGE+E', MLA NoPE, Block AttnRes)."""
-    from megatron_attnres.training.run_config import load_run_config
+    from megatron_attnres.config.load import load_run_config
 
     path = Path(__file__).parents[2] / "configs" / "kimi_linear_debug.yaml"
     return dataclasses.replace(load_run_config(path), vocab_size=VOCAB, **overrides)

@@ -4,7 +4,7 @@ import socket
 import pytest
 import torch.distributed as dist
 
-from megatron_attnres.training.preprocess import prepare_builtin_data
+from megatron_attnres.data.preprocess import prepare_builtin_data
 
 
 def _free_port() -> int:

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_attnres.training.data import (
+from megatron_attnres.data.datasets import (
     build_gpt_datasets,
     check_vocab,
     inspect_indexed_dataset,
     parse_blend,
     pretraining_sampler,
 )
-from megatron_attnres.training.tokenizer import load_tokenizer
+from megatron_attnres.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture

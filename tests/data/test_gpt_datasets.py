@@ -5,8 +5,8 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_attnres.training.data import build_gpt_datasets, micro_batches
-from megatron_attnres.training.tokenizer import load_tokenizer
+from megatron_attnres.data.datasets import build_gpt_datasets, micro_batches
+from megatron_attnres.data.tokenizer import load_tokenizer
 
 EOD = 2
 # Two corpora with disjoint token ranges, so each sample's source can be read off its tokens.

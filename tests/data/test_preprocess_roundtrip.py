@@ -9,7 +9,7 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_attnres.data import builtin_corpus_path
-from megatron_attnres.training.preprocess import builtin_documents, main, preprocess
+from megatron_attnres.data.preprocess import builtin_documents, main, preprocess
 
 DOCS = {
     "txt": [

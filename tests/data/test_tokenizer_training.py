@@ -6,8 +6,8 @@ import pytest
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
 
-from megatron_attnres.training.preprocess import builtin_documents
-from megatron_attnres.training.tokenizer import load_tokenizer, main, train_tokenizer
+from megatron_attnres.data.preprocess import builtin_documents
+from megatron_attnres.data.tokenizer import load_tokenizer, main, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,14 @@ from megatron_attnres.attnres import tolerance
 from megatron_attnres.attnres.reference import ReferenceConfig, ReferenceModel
 from megatron_attnres.mcore.compat import activate_cpu_compat, model_parallel_manual_seed
 from megatron_attnres.mcore.model import build_model_chunks
-from megatron_attnres.mcore.pipeline import P2PTrafficCounter
-from megatron_attnres.mcore.reference_mapping import (
+from megatron_attnres.testing.reference_mapping import (
     megatron_config,
     reference_pattern,
     reference_to_megatron,
 )
-from megatron_attnres.mcore.sharding import gather_full, load_full_state
-from megatron_attnres.training.engine import forward_backward, make_optimizer, train_step, wrap_ddp
+from megatron_attnres.testing.sharding import gather_full, load_full_state
+from megatron_attnres.testing.traffic import P2PTrafficCounter
+from megatron_attnres.train.engine import forward_backward, make_optimizer, train_step, wrap_ddp
 from tests.reference_helpers import randomise
 
 TOL = tolerance(torch.float32)
@@ -49,13 +49,25 @@ class Layout:
 
 
 def tiny_moe(mode: str = "block", layers_per_block: int = 2) -> ReferenceConfig:
-    return ReferenceConfig(vocab_size=VOCAB, hidden_size=32, num_layers=8, num_attention_heads=4,
-                           num_query_groups=2, ffn_hidden_size=48, first_k_dense=1, num_experts=4,
-                           moe_router_topk=2, moe_ffn_hidden_size=24,
-                           moe_shared_expert_intermediate_size=16,
-                           moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                           moe_router_topk_scaling_factor=2.5, moe_aux_loss_coeff=0.01,
-                           residual_mode=mode, layers_per_block=layers_per_block)  # fmt: skip
+    return ReferenceConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=8,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        first_k_dense=1,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_aux_loss_coeff=0.01,
+        residual_mode=mode,
+        layers_per_block=layers_per_block,
+    )
 
 
 def is_attnres(name: str) -> bool:
@@ -113,15 +125,23 @@ def _forget_cached_gradients(chunks, **_):
     pipeline._AddCachedGradients.backward = staticmethod(release_only)
 
 
-SABOTAGES = {"none": lambda chunks, **_: None, "no_sp_allreduce": _drop_sp_mark,
-             "as_expert_params": _mark_as_expert, "detached_summaries": _detach_summaries,
-             "dropped_b0": _drop_summary,
-             "forgotten_cached_gradients": _forget_cached_gradients}  # fmt: skip
+SABOTAGES = {
+    "none": lambda chunks, **_: None,
+    "no_sp_allreduce": _drop_sp_mark,
+    "as_expert_params": _mark_as_expert,
+    "detached_summaries": _detach_summaries,
+    "dropped_b0": _drop_summary,
+    "forgotten_cached_gradients": _forget_cached_gradients,
+}
 
 
 def global_batch(step: int, microbatches: int) -> list[dict]:
-    data = torch.randint(0, VOCAB, (microbatches, MICRO_BATCH, SEQ + 1),
-                         generator=torch.Generator().manual_seed(100 + step))  # fmt: skip
+    data = torch.randint(
+        0,
+        VOCAB,
+        (microbatches, MICRO_BATCH, SEQ + 1),
+        generator=torch.Generator().manual_seed(100 + step),
+    )
     return [{"tokens": mb[:, :-1], "labels": mb[:, 1:]} for mb in data]
 
 
@@ -132,12 +152,16 @@ def _train(ref_cfg: ReferenceConfig, layout: Layout, sabotage: str) -> dict:
     model_parallel_manual_seed(1234)
     full = reference_to_megatron(randomise(ReferenceModel(ref_cfg)).state_dict(), ref_cfg)
     config = megatron_config(
-        ref_cfg, tensor_model_parallel_size=layout.tp, sequence_parallel=layout.tp > 1,
+        ref_cfg,
+        tensor_model_parallel_size=layout.tp,
+        sequence_parallel=layout.tp > 1,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=1 if layout.ep > 1 else layout.tp,
-        pipeline_model_parallel_size=layout.pp, virtual_pipeline_model_parallel_size=layout.vp,
-        pipeline_dtype=torch.float32, batch_p2p_comm=False,
-    )  # fmt: skip
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vp,
+        pipeline_dtype=torch.float32,
+        batch_p2p_comm=False,
+    )
     chunks = build_model_chunks(config, reference_pattern(ref_cfg), VOCAB, SEQ)
     local_experts = ref_cfg.num_experts // layout.ep
     load_full_state(chunks, full, local_experts)
@@ -156,14 +180,19 @@ def _steps(config, chunks, local_experts, layout) -> dict:
 
     def finalize_and_capture(*args, **kwargs):
         finalize(*args, **kwargs)
-        grads.append(gather_full(chunks, local_experts,
-                                 lambda name, p: getattr(p, "main_grad", None)))  # fmt: skip
+        grads.append(
+            gather_full(chunks, local_experts, lambda name, p: getattr(p, "main_grad", None))
+        )
 
     config.finalize_model_grads_func = finalize_and_capture
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     losses, weights, initial = [], [], gather_full(chunks, local_experts)
-    caches = {id(m.summary_cache): m.summary_cache for chunk in chunks for m in chunk.modules()
-              if getattr(m, "summary_cache", None) is not None}  # fmt: skip
+    caches = {
+        id(m.summary_cache): m.summary_cache
+        for chunk in chunks
+        for m in chunk.modules()
+        if getattr(m, "summary_cache", None) is not None
+    }
     cache_log = []  # per step: (events, live bytes after the step) of this rank's summary cache
     with P2PTrafficCounter() as traffic:
         for step in range(STEPS):
@@ -173,24 +202,37 @@ def _steps(config, chunks, local_experts, layout) -> dict:
             losses.append(result.loss)
             weights.append(gather_full(chunks, local_experts))
             cache_log += [(list(c.events), c.live_bytes) for c in caches.values()]
-    counted = {"sent": dict(traffic.sent), "received": dict(traffic.received),
-               "shape_messages": traffic.shape_messages}  # fmt: skip
+    counted = {
+        "sent": dict(traffic.sent),
+        "received": dict(traffic.received),
+        "shape_messages": traffic.shape_messages,
+    }
     # A validation-style forward-only pass (no backward releases the cache there).
     eval_batch = global_batch(STEPS, layout.microbatches)[dp_rank::dp_size]
     eval_loss = forward_backward(ddp, eval_batch, forward_only=True)
     assert all(c.live_bytes == 0 for c in caches.values())
-    return {"losses": losses, "grads": grads, "weights": weights, "initial": initial,
-            "traffic": counted, "cache": cache_log, "eval_loss": eval_loss}  # fmt: skip
+    return {
+        "losses": losses,
+        "grads": grads,
+        "weights": weights,
+        "initial": initial,
+        "traffic": counted,
+        "cache": cache_log,
+        "eval_loss": eval_loss,
+    }
 
 
-def train_on_layout(rank, world_size, layout: Layout, sabotages=(), mode="block",
-                    layers_per_block=2):  # fmt: skip
+def train_on_layout(
+    rank, world_size, layout: Layout, sabotages=(), mode="block", layers_per_block=2
+):
     activate_cpu_compat()
     ps.initialize_model_parallel(
-        layout.tp, layout.pp, virtual_pipeline_model_parallel_size=layout.vp,
+        layout.tp,
+        layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=1 if layout.ep > 1 else layout.tp,
-    )  # fmt: skip
+    )
     try:
         ref_cfg = tiny_moe(mode, layers_per_block)
         runs = {name: _train(ref_cfg, layout, name) for name in ("none", *sabotages)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.distributed.launcher import run_distributed
+from megatron_attnres.testing.launcher import run_distributed
 
 pytestmark = [pytest.mark.distributed, pytest.mark.mcore]
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -21,7 +21,7 @@ PLANS = {
         "tensor_model_parallel_size": 2,
         "pipeline_model_parallel_size": 2,
         "sequence_parallel": True,
-    },  # fmt: skip
+    },
     "pp2xep2": {"pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2},
 }
 
@@ -29,17 +29,13 @@ PLANS = {
 def _report(rank, world_size, overrides):
     from megatron.core import parallel_state as ps
 
+    from megatron_attnres.config.load import load_run_config
     from megatron_attnres.mcore.compat import activate_cpu_compat
-    from megatron_attnres.training.run_config import load_run_config
+    from megatron_attnres.train.build import initialize_parallel
 
     activate_cpu_compat()
     run = load_run_config(TINY, overrides)
-    ps.initialize_model_parallel(
-        run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
-        expert_model_parallel_size=run.expert_model_parallel_size,
-        expert_tensor_parallel_size=1 if run.expert_model_parallel_size > 1
-        else run.tensor_model_parallel_size,
-    )  # fmt: skip
+    initialize_parallel(run)
     try:
         return dict(
             tp=ps.get_tensor_model_parallel_rank(),
@@ -53,11 +49,25 @@ def _report(rank, world_size, overrides):
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_dry_run_matches_megatrons_process_groups(plan, capsys):
-    from megatron_attnres.training.train import main
+    from megatron_attnres.train.trainer import main
 
     overrides = [f"--{k}={v}" for k, v in PLANS[plan].items()]
-    assert main(["--config", str(TINY), "--dry-run", "--json", "--world-size", "4",
-                 "--gpus-per-node", "2", *overrides]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--config",
+                str(TINY),
+                "--dry-run",
+                "--json",
+                "--world-size",
+                "4",
+                "--gpus-per-node",
+                "2",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     assert not dist.is_initialized()  # nothing was started
     layout = json.loads(capsys.readouterr().out)["layout"]
     assert all(layout["checks"].values()), layout["checks"]
@@ -73,10 +83,21 @@ def test_dry_run_matches_megatrons_process_groups(plan, capsys):
 
 
 def test_dry_run_refuses_a_world_the_plan_does_not_divide(capsys):
-    from megatron_attnres.training.train import main
+    from megatron_attnres.train.trainer import main
 
-    code = main(["--config", str(TINY), "--dry-run", "--world-size", "6",
-                 "--tensor-model-parallel-size", "4", "--sequence-parallel", "true"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--dry-run",
+            "--world-size",
+            "6",
+            "--tensor-model-parallel-size",
+            "4",
+            "--sequence-parallel",
+            "true",
+        ]
+    )
     assert code == 2
     assert "world size 6 is not divisible by tensor x pipeline parallel = 4 x 1" in (
         capsys.readouterr().err
@@ -84,7 +105,7 @@ def test_dry_run_refuses_a_world_the_plan_does_not_divide(capsys):
 
 
 def test_48b_plan_on_64_gpus_without_a_process_group(capsys):
-    from megatron_attnres.training.train import main
+    from megatron_attnres.train.trainer import main
 
     config = TINY.parent / "kimi_linear_48b_attnres.yaml"
     assert main(["--config", str(config), "--dry-run", "--json", "--world-size", "64"]) == 0

@@ -15,9 +15,9 @@ from megatron.core import parallel_state as ps
 from megatron_attnres.mcore.compat import activate_cpu_compat, model_parallel_manual_seed
 from megatron_attnres.mcore.config import UNFUSED_KERNELS, AttnResMLATransformerConfig
 from megatron_attnres.mcore.model import build_model_chunks
-from megatron_attnres.mcore.sharding import gather_full, load_full_state
-from megatron_attnres.training.engine import make_optimizer, train_step, wrap_ddp
-from tests.distributed.launcher import run_distributed
+from megatron_attnres.testing.launcher import run_distributed
+from megatron_attnres.testing.sharding import gather_full, load_full_state
+from megatron_attnres.train.engine import make_optimizer, train_step, wrap_ddp
 from tests.distributed.parity_harness import SEQ, STEPS, TOL, VOCAB, global_batch, mismatched
 
 pytestmark = [pytest.mark.distributed, pytest.mark.mcore]
@@ -28,20 +28,46 @@ DENSE_PATTERN = "G-+-G-"  # Megatron refuses MoE with TP but without sequence pa
 
 def kimi_config(tp: int, sp: bool) -> AttnResMLATransformerConfig:
     return AttnResMLATransformerConfig(
-        num_layers=len(PATTERN), hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
-        num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=24,
-        moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.446,
-        moe_token_dispatcher_type="allgather", q_lora_rank=None, kv_lora_rank=16, qk_head_dim=8,
-        qk_pos_emb_head_dim=4, v_head_dim=8, rope_type="rope", qk_layernorm=True,
-        mla_use_nope=True, linear_num_key_heads=4, linear_key_head_dim=8,
-        linear_conv_kernel_dim=4, gated_linear_unit=True, activation_func=F.silu,
-        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True, is_hybrid_model=True,
-        enable_attention_residuals=True, attn_res_mode="block", attn_res_block_layers=1,
-        tensor_model_parallel_size=tp, sequence_parallel=sp and tp > 1,
-        expert_tensor_parallel_size=tp, pipeline_dtype=torch.float32, **UNFUSED_KERNELS,
-    )  # fmt: skip
+        num_layers=len(PATTERN),
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.446,
+        moe_token_dispatcher_type="allgather",
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_head_dim=8,
+        qk_pos_emb_head_dim=4,
+        v_head_dim=8,
+        rope_type="rope",
+        qk_layernorm=True,
+        mla_use_nope=True,
+        linear_num_key_heads=4,
+        linear_key_head_dim=8,
+        linear_conv_kernel_dim=4,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        is_hybrid_model=True,
+        enable_attention_residuals=True,
+        attn_res_mode="block",
+        attn_res_block_layers=1,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sp and tp > 1,
+        expert_tensor_parallel_size=tp,
+        pipeline_dtype=torch.float32,
+        **UNFUSED_KERNELS,
+    )
 
 
 def _randomise(full: dict) -> dict:
@@ -85,8 +111,11 @@ def _megatron_mla_down_projection():
     return lambda: setattr(AttnResMLASelfAttention, "_qkv_down_projection", original)
 
 
-SABOTAGES = {"none": lambda: (lambda: None), "unsummed_o_norm_grad": _unsummed_o_norm_grad,
-             "megatron_mla_down_projection": _megatron_mla_down_projection}  # fmt: skip
+SABOTAGES = {
+    "none": lambda: lambda: None,
+    "unsummed_o_norm_grad": _unsummed_o_norm_grad,
+    "megatron_mla_down_projection": _megatron_mla_down_projection,
+}
 
 
 def _checkpoint_shards_match(model, full: dict) -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.launcher import run_distributed
+from megatron_attnres.testing.launcher import run_distributed
 
 pytestmark = pytest.mark.distributed
 

@@ -1,4 +1,5 @@
-"""Pipeline parallelism where only depth-block summaries cross stages (DESIGN section 5).
+"""Pipeline parallelism where only depth-block summaries cross stages (docs/architecture.md
+section 5).
 
 1F1B with PP=2, PP=4, PP=2 x EP=2, Full AttnRes with PP=2, TP=2 with sequence parallelism x
 PP=2 (payloads of s / TP rows per summary), and the interleaved schedule with
@@ -15,8 +16,8 @@ or (interleaved) drops the gradients of its cached own summaries must break pari
 import pytest
 
 from megatron_attnres.mcore.pipeline import balanced_cuts, payload_bytes
-from megatron_attnres.mcore.reference_mapping import megatron_config
-from tests.distributed.launcher import run_distributed
+from megatron_attnres.testing.launcher import run_distributed
+from megatron_attnres.testing.reference_mapping import megatron_config
 from tests.distributed.parity_harness import (
     MICRO_BATCH,
     SEQ,
@@ -45,8 +46,10 @@ def expected_traffic(layout: Layout, mode: str, k: int) -> list[dict]:
     """Per rank: bytes of every tensor sent/received forward ('next') and backward ('prev')."""
     schedule = megatron_config(tiny_moe(mode, k)).depth_block_schedule()
     # Under sequence parallelism (tp > 1) each tensor-parallel rank sends its share of the rows.
-    per_boundary = [payload_bytes(schedule, cut, SEQ * MICRO_BATCH // layout.tp, 32, 4)
-                    for cut in balanced_cuts(schedule, layout.pp)]  # fmt: skip
+    per_boundary = [
+        payload_bytes(schedule, cut, SEQ * MICRO_BATCH // layout.tp, 32, 4)
+        for cut in balanced_cuts(schedule, layout.pp)
+    ]
     transfers = STEPS * MICROBATCHES // layout.dp
     ranks_per_stage = layout.world_size // layout.pp  # pipeline is the outermost rank dimension
     expected = []
@@ -73,11 +76,13 @@ def expected_traffic(layout: Layout, mode: str, k: int) -> list[dict]:
     ],
     ids=["pp2", "pp4", "pp2xep2", "pp2-full-attnres", "tp2-sp-x-pp2"],
 )
-def test_pipeline_trains_like_one_rank_and_sends_only_summaries(single_rank, layout, mode,
-                                                                 sabotage):  # fmt: skip
+def test_pipeline_trains_like_one_rank_and_sends_only_summaries(
+    single_rank, layout, mode, sabotage
+):
     k = 2 if mode == "block" else 1
-    runs = run_distributed(train_on_layout, layout.world_size,
-                           args=(layout, (sabotage,), mode, k))[0]  # fmt: skip
+    runs = run_distributed(train_on_layout, layout.world_size, args=(layout, (sabotage,), mode, k))[
+        0
+    ]
     oracle = single_rank[mode]
     assert_trains_like(runs["none"], oracle)
     assert runs["none"]["traffic"] == expected_traffic(layout, mode, k)
@@ -87,9 +92,10 @@ def test_pipeline_trains_like_one_rank_and_sends_only_summaries(single_rank, lay
 
 
 def closed_form_transfers(P: int, V: int, Np: int) -> list[int]:
-    """Summaries sent into chunks 1 .. PV-1 with the cache, from DESIGN section 5 (not from the
-    cache's code): the first round sends everything so far (b_0 + c Np into chunk c < P); later
-    transitions send what the other P - 1 ranks produced since the receiver's last chunk."""
+    """Summaries sent into chunks 1 .. PV-1 with the cache, from docs/architecture.md section 5
+    (not from the cache's code): the first round sends everything so far (b_0 + c Np into chunk
+    c < P); later transitions send what the other P - 1 ranks produced since the receiver's last
+    chunk."""
     return [c * Np + 1 if c < P else (P - 1) * Np for c in range(1, P * V)]
 
 
@@ -109,8 +115,9 @@ def test_interleaved_pp2_vp2_trains_like_one_rank_with_cached_summaries(single_r
     per_microbatch = STEPS * MICROBATCHES
     for rank, counted in enumerate(runs["none"]["traffic"]):
         # Cached payloads differ per chunk: every tensor travels after its shape.
-        transfers = sum(len(sizes) for flow in ("sent", "received")
-                        for sizes in counted[flow].values())  # fmt: skip
+        transfers = sum(
+            len(sizes) for flow in ("sent", "received") for sizes in counted[flow].values()
+        )
         assert counted["shape_messages"] == transfers > 0
         sends = [into[c] * summary for c in range(rank, P * V - 1, P)]  # out of chunk c
         receives = [into[c - 1] * summary for c in range(rank, P * V, P) if c > 0]

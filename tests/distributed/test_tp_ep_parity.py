@@ -13,7 +13,7 @@ that must break parity on the AttnRes gradients (and only there) at the first st
 
 import pytest
 
-from tests.distributed.launcher import run_distributed
+from megatron_attnres.testing.launcher import run_distributed
 from tests.distributed.parity_harness import (
     Layout,
     assert_trains_like,

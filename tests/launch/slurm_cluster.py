@@ -33,17 +33,30 @@ def _say(text: str) -> None:
 
 
 def _missing_tools() -> list[str]:
-    return [tool for tool in ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
-            if shutil.which(tool) is None]  # fmt: skip
+    return [
+        tool
+        for tool in ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
+        if shutil.which(tool) is None
+    ]
 
 
 def _apt(*args: str, timeout: int) -> subprocess.CompletedProcess:
-    command = ["apt-get", "-q", "-y", "-o", "DPkg::Lock::Timeout=120",
-               "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold",
-               *args]  # fmt: skip
+    command = [
+        "apt-get",
+        "-q",
+        "-y",
+        "-o",
+        "DPkg::Lock::Timeout=120",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        *args,
+    ]
     _say("$ " + " ".join(command))
-    return subprocess.run(command, env={**os.environ, **APT_ENV}, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        command, env={**os.environ, **APT_ENV}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def install_slurm() -> str | None:
@@ -67,8 +80,10 @@ def install_slurm() -> str | None:
             install = _apt("install", "--no-install-recommends", *PACKAGES, timeout=900)
             if install.returncode == 0:
                 break
-            _say(f"apt-get attempt {attempt} failed:\n{update.stderr[-1500:]}"
-                 f"{install.stdout[-1500:]}{install.stderr[-1500:]}")  # fmt: skip
+            _say(
+                f"apt-get attempt {attempt} failed:\n{update.stderr[-1500:]}"
+                f"{install.stdout[-1500:]}{install.stderr[-1500:]}"
+            )
         else:
             return f"apt-get install {' '.join(PACKAGES)} failed twice (see the output above)"
     except subprocess.TimeoutExpired as err:
@@ -146,24 +161,42 @@ class SlurmCluster:
 
     # ---- client commands ----
 
-    def command(self, *args: str, timeout: float = 30, check: bool = True,
-                env: dict | None = None, cwd: Path | None = None) -> str:  # fmt: skip
-        done = subprocess.run(args, env={**self.env, **(env or {})}, cwd=cwd,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    def command(
+        self,
+        *args: str,
+        timeout: float = 30,
+        check: bool = True,
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ) -> str:
+        done = subprocess.run(
+            args,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr}")
         return done.stdout
 
-    def sbatch(self, script: str, *options: str, env: dict | None = None,
-               cwd: Path | None = None) -> int:  # fmt: skip
+    def sbatch(
+        self, script: str, *options: str, env: dict | None = None, cwd: Path | None = None
+    ) -> int:
         out = self.command("sbatch", "--parsable", *options, script, env=env, cwd=cwd)
         return int(out.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict[str, str] | None:
         """`scontrol show job` as a dict (JobState, Restarts, ...); None once Slurm has forgotten
         the finished job (MinJobAge). Other failures raise RuntimeError."""
-        done = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=self.env,
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["scontrol", "-o", "show", "job", str(job_id)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if "Invalid job id" in done.stderr:
             return None
         if done.returncode != 0:
@@ -171,8 +204,13 @@ class SlurmCluster:
         return dict(re.findall(r"(\w+)=(\S*)", done.stdout))
 
     def idle(self) -> bool:
-        done = subprocess.run(["sinfo", "-h", "-N", "-n", self.host, "-o", "%t"], env=self.env,
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["sinfo", "-h", "-N", "-n", self.host, "-o", "%t"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return done.returncode == 0 and done.stdout.strip() in ("idle", "mix")
 
     def logs(self) -> str:
@@ -216,9 +254,15 @@ class SlurmCluster:
         key = root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))  # what mungekey writes; old munge versions lack it
         key.chmod(0o600)
-        cluster._daemon("munged", f"--key-file={key}", f"--socket={root}/munge/munge.socket",
-                        f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/log/munged.log",
-                        f"--seed-file={root}/munge/munged.seed", "--force")  # fmt: skip
+        cluster._daemon(
+            "munged",
+            f"--key-file={key}",
+            f"--socket={root}/munge/munge.socket",
+            f"--pid-file={root}/munge/munged.pid",
+            f"--log-file={root}/log/munged.log",
+            f"--seed-file={root}/munge/munged.seed",
+            "--force",
+        )
         cluster._wait_pid("munged", root / "munge" / "munged.pid", timeout)
         cluster._daemon("slurmctld", "-f", str(conf))
         cluster._wait_pid("slurmctld", root / "slurmctld.pid", timeout)
@@ -239,8 +283,9 @@ class SlurmCluster:
         _say("$ " + " ".join(command))
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stderr}"
-                               f"\n{self.logs()}")  # fmt: skip
+            raise RuntimeError(
+                f"{command[0]} failed ({done.returncode}): {done.stderr}\n{self.logs()}"
+            )
 
     def _wait_pid(self, name: str, pid_file: Path, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -250,8 +295,9 @@ class SlurmCluster:
                 self.pids[name] = int(text)
                 return
             time.sleep(0.2)
-        raise RuntimeError(f"{name} wrote no live pid to {pid_file} in {timeout:.0f} s\n"
-                           f"{self.logs()}")  # fmt: skip
+        raise RuntimeError(
+            f"{name} wrote no live pid to {pid_file} in {timeout:.0f} s\n{self.logs()}"
+        )
 
     def stop(self, timeout: float = 60) -> None:
         """Cancel what is left of the jobs, stop slurmd, slurmctld and munged, then end any

@@ -25,9 +25,21 @@ pytestmark = [
 STEPS = ["--train-iters", "6", "--log-interval", "1"]
 TIMEOUT_S = 300
 # set by a surrounding launcher, or read by launch/deepspeed.sh: the test sets what it needs
-LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
-                    "NUM_GPUS", "NUM_NODES", "CONFIG", "RUN_DIR", "EXTRA_ARGS", "DS_LAUNCHER_ARGS",
-                    "CUDA_VISIBLE_DEVICES"}  # fmt: skip
+LAUNCH_VARIABLES = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "HOSTFILE",
+    "NUM_GPUS",
+    "NUM_NODES",
+    "CONFIG",
+    "RUN_DIR",
+    "EXTRA_ARGS",
+    "DS_LAUNCHER_ARGS",
+    "CUDA_VISIBLE_DEVICES",
+}
 
 
 def _port() -> int:
@@ -41,9 +53,15 @@ def _deepspeed(run_dir, **env_vars: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env_vars}
     command = ["bash", "launch/deepspeed.sh", *QUICK, *STEPS, "--run-dir", str(run_dir)]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait(process: subprocess.Popen) -> str:
@@ -96,8 +114,13 @@ def test_hostfile_example_parses_with_deepspeeds_parser():
 
 
 def test_missing_hostfile_is_refused():
-    done = subprocess.run(["bash", "launch/deepspeed.sh"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "HOSTFILE": "/nonexistent/hostfile"},
-                          timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "launch/deepspeed.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOSTFILE": "/nonexistent/hostfile"},
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "HOSTFILE=/nonexistent/hostfile does not exist" in done.stderr

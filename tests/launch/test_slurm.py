@@ -26,9 +26,15 @@ def _overrides(**changes: str) -> str:
 
 
 def _job_env(run_dir: Path, extra_args: str, **extra: str) -> dict[str, str]:
-    return {"CONFIG": str(TINY), "RUN_DIR": str(run_dir), "EXTRA_ARGS": extra_args,
-            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-            **extra}  # fmt: skip
+    return {
+        "CONFIG": str(TINY),
+        "RUN_DIR": str(run_dir),
+        "EXTRA_ARGS": extra_args,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        **extra,
+    }
 
 
 class Job:
@@ -46,8 +52,10 @@ class Job:
             state = self.cluster.job(self.id)
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             state = {"JobState": f"unknown ({err})"}
-        return (f"job {self.id} state {state and state.get('JobState')}; log {self.log}:\n"
-                f"{self.text()[-6000:]}\n{self.cluster.logs()}")  # fmt: skip
+        return (
+            f"job {self.id} state {state and state.get('JobState')}; log {self.log}:\n"
+            f"{self.text()[-6000:]}\n{self.cluster.logs()}"
+        )
 
     def wait_for_log(self, pattern: str, timeout: float) -> re.Match:
         deadline = time.monotonic() + timeout
@@ -67,8 +75,14 @@ class Job:
             except (RuntimeError, subprocess.TimeoutExpired):  # slurmctld busy: ask again
                 time.sleep(2)
                 continue
-            if job is None or job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                  "NODE_FAIL", "OUT_OF_MEMORY"):  # fmt: skip
+            if job is None or job["JobState"] in (
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+            ):
                 return job
             time.sleep(2)
         raise AssertionError(f"job {self.id} not done after {timeout:.0f} s\n{self.report()}")
@@ -81,8 +95,14 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path
     """torchrun mode: SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time
     limit) makes the trainer save and stop, the job requeue itself and the next start resume."""
     run_dir, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    job = Job(slurm_cluster, tmp_path / "job.out", "-N1", "-n1", "--time=30",
-              env=_job_env(run_dir, _overrides(train_iters=str(ITERS))))  # fmt: skip
+    job = Job(
+        slurm_cluster,
+        tmp_path / "job.out",
+        "-N1",
+        "-n1",
+        "--time=30",
+        env=_job_env(run_dir, _overrides(train_iters=str(ITERS))),
+    )
     try:
         job.wait_for_log(rf"^step 3/{ITERS} ", timeout=240)
         slurm_cluster.command("scancel", "--signal=USR1", "--batch", str(job.id))
@@ -114,8 +134,14 @@ def test_srun_mode_trains_one_task_per_rank_and_requeues_after_a_clean_stop(
     --exit-duration-in-mins before the time limit) is followed by a requeue and a resume."""
     run_dir, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
     extra_args = _overrides(train_iters="4", exit_interval="2")
-    job = Job(slurm_cluster, tmp_path / "job.out", "-N1", "--ntasks=2", "--ntasks-per-node=2",
-              env=_job_env(run_dir, extra_args, MODE="srun"))  # fmt: skip
+    job = Job(
+        slurm_cluster,
+        tmp_path / "job.out",
+        "-N1",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        env=_job_env(run_dir, extra_args, MODE="srun"),
+    )
     try:
         record = job.wait_until_done(timeout=360)
         log = job.text()

@@ -24,10 +24,20 @@ def _launch(*launcher: str, run_dir) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = ["bash", "launch/torchrun.sh", *launcher, "--config", str(TINY), *QUICK, *STEPS,
-               "--run-dir", str(run_dir)]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [
+        "bash",
+        "launch/torchrun.sh",
+        *launcher,
+        "--config",
+        str(TINY),
+        *QUICK,
+        *STEPS,
+        "--run-dir",
+        str(run_dir),
+    ]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait(process: subprocess.Popen) -> str:
@@ -38,9 +48,22 @@ def _wait(process: subprocess.Popen) -> str:
 
 def test_two_nodes_on_localhost_train_like_one_node(tmp_path):
     port = _port()
-    nodes = [_launch("--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                     "--master-port", str(port), "--nproc-per-node", "1",
-                     run_dir=tmp_path / "two_nodes") for rank in (0, 1)]  # fmt: skip
+    nodes = [
+        _launch(
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--nproc-per-node",
+            "1",
+            run_dir=tmp_path / "two_nodes",
+        )
+        for rank in (0, 1)
+    ]
     outputs = [_wait(node) for node in nodes]
     assert "step 6/6" in outputs[0]  # rank 0 (on node 0) reports
     _wait(_launch("--nproc-per-node", "2", run_dir=tmp_path / "one_node"))
@@ -51,7 +74,11 @@ def test_two_nodes_on_localhost_train_like_one_node(tmp_path):
 
 
 def test_launcher_refuses_an_incomplete_multi_node_request():
-    done = subprocess.run(["bash", "launch/torchrun.sh", "--nnodes", "2", "--config", str(TINY)],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "launch/torchrun.sh", "--nnodes", "2", "--config", str(TINY)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert "--nnodes 2 needs --master-addr (with --node-rank) or --rdzv-endpoint" in done.stderr

@@ -10,18 +10,29 @@ from megatron_attnres.attnres.module import DepthAttention
 from megatron_attnres.attnres.reference import ReferenceConfig
 from megatron_attnres.bench.model_step import saved_activation_bytes
 from megatron_attnres.mcore.model import build_model
-from megatron_attnres.mcore.reference_mapping import megatron_config, reference_pattern
+from megatron_attnres.testing.reference_mapping import megatron_config, reference_pattern
 
 pytestmark = pytest.mark.mcore
 VOCAB, SEQ, BATCH = 128, 64, 2
 
 
 def model_for(mode: str, layers_per_block: int, recompute_read: bool = True):
-    ref = ReferenceConfig(vocab_size=VOCAB, hidden_size=512, num_layers=4, num_attention_heads=8,
-                          num_query_groups=4, ffn_hidden_size=1024, first_k_dense=1,
-                          num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=512,
-                          moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                          residual_mode=mode, layers_per_block=layers_per_block)  # fmt: skip
+    ref = ReferenceConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        num_layers=4,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=1024,
+        first_k_dense=1,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=512,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        residual_mode=mode,
+        layers_per_block=layers_per_block,
+    )
     config = megatron_config(ref, attn_res_recompute_read=recompute_read)
     return config, build_model(config, reference_pattern(ref), VOCAB, SEQ)
 
@@ -40,8 +51,10 @@ def test_saved_bytes_overhead_matches_the_analytic_formula(mode, layers_per_bloc
     predicted = config.depth_block_schedule().saved_activation_overhead_bytes(
         tokens=SEQ * BATCH, hidden=512, act_bytes=4, recompute_read=recompute_read
     )
-    print(f"{mode}: overhead measured {measured} B, predicted {predicted} B, "
-          f"{measured / base_bytes:.1%} of mode none's {base_bytes} B")  # fmt: skip
+    print(
+        f"{mode}: overhead measured {measured} B, predicted {predicted} B, "
+        f"{measured / base_bytes:.1%} of mode none's {base_bytes} B"
+    )
     assert measured == predicted
 
 

@@ -6,14 +6,20 @@ import pytest
 import torch
 
 from megatron_attnres.attnres.reference import ReferenceConfig
-from megatron_attnres.mcore.reference_mapping import megatron_config
+from megatron_attnres.testing.reference_mapping import megatron_config
 
 pytestmark = pytest.mark.mcore
 
 
 def config(**overrides):
-    ref = ReferenceConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_experts=4,
-                          residual_mode="block", layers_per_block=2)  # fmt: skip
+    ref = ReferenceConfig(
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_experts=4,
+        residual_mode="block",
+        layers_per_block=2,
+    )
     return megatron_config(ref, **overrides)
 
 
@@ -25,7 +31,10 @@ def config(**overrides):
         (dict(attn_res_block_layers=2.5), "attn_res_block_layers=2.5"),
         (dict(attn_res_mode="blocks"), "attn_res_mode='blocks'"),
         (dict(num_layers=7), "num_layers=7"),
-        (dict(expert_model_parallel_size=3), "num_moe_experts=4 with expert_model_parallel_size=3"),
+        (
+            dict(expert_model_parallel_size=3),
+            "num_moe_experts=4 is not divisible by expert_model_parallel_size=3",
+        ),
         (
             dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
             "recompute_granularity='full'",
@@ -47,14 +56,18 @@ def test_pipeline_cuts_must_fall_on_depth_block_boundaries():
     plain = hybrid_pattern(4, moe=True)  # 8 sublayers, depth blocks of 4
     assert pipeline_pattern(cfg, plain) == "*E*E|*E*E"
     check_pattern(cfg, "*E*E|*E*E")
-    with pytest.raises(ValueError, match=r"after sublayer 2 \(transformer layer 1\).*cut after "
-                                         r"sublayer 4 instead"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"after sublayer 2 \(transformer layer 1\).*cut after "
+        r"sublayer 4 instead",
+    ):
         check_pattern(cfg, "*E|*E*E*E")
     with pytest.raises(ValueError, match="has 1 pipeline segments.*'\\*E\\*E\\|\\*E\\*E'"):
         check_pattern(cfg, plain)
     with pytest.raises(ValueError, match="cannot split 2 depth blocks into 4 pipeline stages"):
-        pipeline_pattern(config(pipeline_model_parallel_size=4, pipeline_dtype=torch.float32),
-                         plain)  # fmt: skip
+        pipeline_pattern(
+            config(pipeline_model_parallel_size=4, pipeline_dtype=torch.float32), plain
+        )
 
 
 def test_valid_config_gives_the_schedule():
@@ -83,8 +96,10 @@ def test_cpu_compat_lists_and_makes_its_changes():
     tracker = mcore_random.get_cuda_rng_tracker()
     assert isinstance(tracker, compat.CPURNGStatesTracker)
     assert set(tracker.get_states()) == {
-        "data-parallel-rng", "model-parallel-rng", "expert-parallel-rng",
-    }  # fmt: skip
+        "data-parallel-rng",
+        "model-parallel-rng",
+        "expert-parallel-rng",
+    }
     outer = torch.get_rng_state()
     with tracker.fork():
         first = torch.rand(3)

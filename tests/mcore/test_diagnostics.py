@@ -14,8 +14,8 @@ from megatron_attnres.attnres import tolerance
 from megatron_attnres.attnres.module import DepthAttention
 from megatron_attnres.attnres.reference import ReferenceConfig
 from megatron_attnres.mcore.model import build_model
-from megatron_attnres.mcore.reference_mapping import megatron_config, reference_pattern
-from megatron_attnres.training.diagnostics import (
+from megatron_attnres.testing.reference_mapping import megatron_config, reference_pattern
+from megatron_attnres.train.diagnostics import (
     ModelDiagnostics,
     gather_diagnostics,
     merge_summaries,
@@ -26,12 +26,24 @@ pytestmark = pytest.mark.mcore
 TOL = tolerance(torch.float32)
 VOCAB, SEQ, BATCH, MICROBATCHES = 64, 12, 2, 2
 EXPERTS, TOPK, SUBLAYERS_PER_BLOCK = 4, 2, 4
-CFG = ReferenceConfig(vocab_size=VOCAB, hidden_size=32, num_layers=4, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=48, first_k_dense=1,
-                      num_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=24,
-                      moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
-                      moe_router_enable_expert_bias=True, moe_aux_loss_coeff=0.01,
-                      residual_mode="block", layers_per_block=2)  # fmt: skip
+CFG = ReferenceConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_layers=4,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=48,
+    first_k_dense=1,
+    num_experts=EXPERTS,
+    moe_router_topk=TOPK,
+    moe_ffn_hidden_size=24,
+    moe_shared_expert_intermediate_size=16,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_aux_loss_coeff=0.01,
+    residual_mode="block",
+    layers_per_block=2,
+)
 MOE_LAYERS = ["4", "6", "8"]  # pattern *-*E*E*E
 
 
@@ -105,7 +117,8 @@ class Recorder:
 
 
 def oracle_weights(sources, read: DepthAttention) -> torch.Tensor:
-    """DESIGN section 3 in float64: a = softmax_i(w . RMSNorm_g(v_i)); shape [N, tokens]."""
+    """docs/architecture.md section 3 in float64: a = softmax_i(w . RMSNorm_g(v_i)); shape
+    [N, tokens]."""
     values = torch.stack([s.double().reshape(-1, s.shape[-1]) for s in sources])
     keys = values * torch.rsqrt(values.pow(2).mean(-1, keepdim=True) + read.eps)
     scores = keys * read.key_norm_weight.double() @ read.pseudo_query.double()
@@ -113,7 +126,8 @@ def oracle_weights(sources, read: DepthAttention) -> torch.Tensor:
 
 
 def expected_layout(key: str) -> tuple[int, bool]:
-    """(completed summaries, has partial) of each read, from DESIGN section 3 with S = 4."""
+    """(completed summaries, has partial) of each read, from docs/architecture.md section 3 with
+    S = 4."""
     if key == "output":
         return 2, True  # b_0, b_1 and the last block
     n = int(key)
@@ -150,8 +164,10 @@ def test_depth_attention_matches_weights_recomputed_from_the_sources():
         weights = [oracle_weights(s, read_of(model, key)) for s in seen]
         for sources, weights_NT, out in zip(seen, weights, outputs, strict=True):
             # The saved sources are the ones the read mixed: sum_i a_i v_i is its output.
-            terms = [a.reshape(v.shape[:-1]).unsqueeze(-1) * v.double()
-                     for a, v in zip(weights_NT, sources, strict=True)]  # fmt: skip
+            terms = [
+                a.reshape(v.shape[:-1]).unsqueeze(-1) * v.double()
+                for a, v in zip(weights_NT, sources, strict=True)
+            ]
             TOL.assert_close(out.double(), sum(terms), msg=key)
         expected = torch.cat(weights, dim=1).mean(dim=1)
         got = torch.tensor(weights_list(row))
@@ -198,7 +214,8 @@ def test_moe_load_entropy_and_bias_match_an_independent_top_k():
         router = model.decoder.layers[int(key) - 1].mlp.router
         hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h in recorder.router_inputs[key]])
         scores = torch.sigmoid(hidden.double() @ router.weight.double().T)
-        # Sigmoid router with expert bias: the bias only selects (DESIGN section 3b).
+        # Sigmoid router with expert bias: the bias only selects (docs/architecture.md
+        # section 3b).
         chosen = torch.topk(scores + router.expert_bias.double(), TOPK, dim=-1).indices
         counts = torch.bincount(chosen.reshape(-1), minlength=EXPERTS).double()
         assert math.isclose(sum(moe[key]["expert_load"]), 1.0, rel_tol=1e-9)

@@ -26,6 +26,7 @@ def test_chunk_kda_kernel_matches_the_cpu_recurrence():
         (out * probe.to(device)).sum().backward()
         results[device] = [out.detach().cpu()] + [x.grad.cpu() for x in inputs]
     tol = tolerance(torch.bfloat16)
-    for name, cuda, cpu in zip(("out", "dq", "dk", "dv", "dg", "dbeta"), results["cuda"],
-                               results["cpu"], strict=True):  # fmt: skip
+    for name, cuda, cpu in zip(
+        ("out", "dq", "dk", "dv", "dg", "dbeta"), results["cuda"], results["cpu"], strict=True
+    ):
         tol.assert_close(cuda, cpu, name)

@@ -19,16 +19,39 @@ HEADS, DIM, KERNEL = 2, 8, 4
 
 
 def kda_config(**overrides):
-    fields = dict(num_layers=6, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=48,
-                  num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=24,
-                  moe_token_dispatcher_type="allgather", q_lora_rank=None, kv_lora_rank=16,
-                  qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, rope_type="rope",
-                  qk_layernorm=True, mla_use_nope=True, gated_linear_unit=True,
-                  activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-                  hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-                  is_hybrid_model=True, enable_attention_residuals=True, attn_res_mode="block",
-                  attn_res_block_layers=1, linear_num_key_heads=HEADS, linear_key_head_dim=DIM,
-                  linear_conv_kernel_dim=KERNEL, **UNFUSED_KERNELS)  # fmt: skip
+    fields = dict(
+        num_layers=6,
+        hidden_size=HIDDEN,
+        num_attention_heads=4,
+        ffn_hidden_size=48,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_token_dispatcher_type="allgather",
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_head_dim=8,
+        qk_pos_emb_head_dim=4,
+        v_head_dim=8,
+        rope_type="rope",
+        qk_layernorm=True,
+        mla_use_nope=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        is_hybrid_model=True,
+        enable_attention_residuals=True,
+        attn_res_mode="block",
+        attn_res_block_layers=1,
+        linear_num_key_heads=HEADS,
+        linear_key_head_dim=DIM,
+        linear_conv_kernel_dim=KERNEL,
+        **UNFUSED_KERNELS,
+    )
     fields.update(overrides)
     return AttnResMLATransformerConfig(**fields)
 
@@ -63,9 +86,14 @@ def kda_formula(x, w: dict, eps: float):
     def heads(z):
         return z.reshape(b, s, HEADS, DIM)
 
-    q, k, v = (heads(F.silu(causal_depthwise_conv(n @ w[f"{a}{p}_proj.weight"].T,
-                                                   w[f"{a}{p}_conv1d.weight"])))
-               for p in "qkv")  # fmt: skip
+    q, k, v = (
+        heads(
+            F.silu(
+                causal_depthwise_conv(n @ w[f"{a}{p}_proj.weight"].T, w[f"{a}{p}_conv1d.weight"])
+            )
+        )
+        for p in "qkv"
+    )
     forget = heads(n @ w[f"{a}f_a_proj.weight"].T @ w[f"{a}f_b_proj.weight"].T + w[f"{a}dt_bias"])
     softplus = torch.where(forget > 20, forget, torch.log1p(torch.exp(forget)))
     g = -torch.exp(w[f"{a}A_log"])[:, None] * softplus
@@ -141,8 +169,11 @@ def test_kimi_pattern_builds_trains_and_checkpoints_the_contract_names():
     model = build_model(kda_config(), "G-GE+E", VOCAB, SEQ)
     for i in (0, 2):
         prefix = f"decoder.layers.{i}."
-        params = {k[len(prefix) :]: tuple(v.shape) for k, v in model.named_parameters()
-                  if k.startswith(prefix)}  # fmt: skip
+        params = {
+            k[len(prefix) :]: tuple(v.shape)
+            for k, v in model.named_parameters()
+            if k.startswith(prefix)
+        }
         assert params == CONTRACT
         sharded = model.sharded_state_dict()
         for name, shape in CONTRACT.items():

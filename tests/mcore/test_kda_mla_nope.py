@@ -18,14 +18,32 @@ NOPE, ROPE, V_DIM, KV_RANK = 8, 4, 6, 16
 
 
 def nope_config(use_nope: bool, **overrides):
-    fields = dict(num_layers=2, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                  ffn_hidden_size=48, q_lora_rank=None, kv_lora_rank=KV_RANK, qk_head_dim=NOPE,
-                  qk_pos_emb_head_dim=ROPE, v_head_dim=V_DIM, rope_type="rope",
-                  qk_layernorm=True, mla_use_nope=use_nope, gated_linear_unit=True,
-                  activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-                  hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-                  is_hybrid_model=True, enable_attention_residuals=True, attn_res_mode="block",
-                  attn_res_block_layers=1, **UNFUSED_KERNELS)  # fmt: skip
+    fields = dict(
+        num_layers=2,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        ffn_hidden_size=48,
+        q_lora_rank=None,
+        kv_lora_rank=KV_RANK,
+        qk_head_dim=NOPE,
+        qk_pos_emb_head_dim=ROPE,
+        v_head_dim=V_DIM,
+        rope_type="rope",
+        qk_layernorm=True,
+        mla_use_nope=use_nope,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        is_hybrid_model=True,
+        enable_attention_residuals=True,
+        attn_res_mode="block",
+        attn_res_block_layers=1,
+        **UNFUSED_KERNELS,
+    )
     fields.update(overrides)
     return AttnResMLATransformerConfig(**fields)
 

@@ -21,16 +21,35 @@ QK_DIM, V_DIM, KV_RANK = 8, 6, 16
 
 
 def mla_config(rope_dim: int = 0, mode: str = "block", **overrides):
-    fields = dict(num_layers=4, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                  ffn_hidden_size=48, num_moe_experts=4, moe_router_topk=2,
-                  moe_ffn_hidden_size=24, moe_token_dispatcher_type="allgather",
-                  q_lora_rank=None, kv_lora_rank=KV_RANK, qk_head_dim=QK_DIM,
-                  qk_pos_emb_head_dim=rope_dim, v_head_dim=V_DIM, rope_type="rope",
-                  qk_layernorm=True, gated_linear_unit=True, activation_func=F.silu,
-                  normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0,
-                  attention_dropout=0.0, use_cpu_initialization=True, is_hybrid_model=True,
-                  enable_attention_residuals=mode != "none", attn_res_mode=mode,
-                  attn_res_block_layers=1, **UNFUSED_KERNELS)  # fmt: skip
+    fields = dict(
+        num_layers=4,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        ffn_hidden_size=48,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_token_dispatcher_type="allgather",
+        q_lora_rank=None,
+        kv_lora_rank=KV_RANK,
+        qk_head_dim=QK_DIM,
+        qk_pos_emb_head_dim=rope_dim,
+        v_head_dim=V_DIM,
+        rope_type="rope",
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        is_hybrid_model=True,
+        enable_attention_residuals=mode != "none",
+        attn_res_mode=mode,
+        attn_res_block_layers=1,
+        **UNFUSED_KERNELS,
+    )
     fields.update(overrides)
     return AttnResMLATransformerConfig(**fields)
 
@@ -73,8 +92,11 @@ def test_mla_layer_matches_the_formula():
     assert layer.self_attention.kv_layernorm.weight.shape == (KV_RANK,)
     x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)
     out = layer(hidden_states=x, attention_mask=None)[0]  # raw output: no residual added
-    weights = {k: v.detach().requires_grad_() for k, v in layer.state_dict().items()
-               if not k.endswith("_extra_state")}  # fmt: skip
+    weights = {
+        k: v.detach().requires_grad_()
+        for k, v in layer.state_dict().items()
+        if not k.endswith("_extra_state")
+    }
     x_ref = x.detach().clone().requires_grad_()
     expected = mla_formula(x_ref, weights, config.layernorm_epsilon)
     TOL.assert_close(out, expected)
@@ -116,7 +138,12 @@ def test_mla_with_rope_sees_positions():
 
 
 def test_mla_needs_the_mla_config():
-    config = AttnResTransformerConfig(num_layers=4, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                                      num_moe_experts=4, use_cpu_initialization=True)  # fmt: skip
+    config = AttnResTransformerConfig(
+        num_layers=4,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        num_moe_experts=4,
+        use_cpu_initialization=True,
+    )
     with pytest.raises(ValueError, match="use AttnResMLATransformerConfig"):
         build_model(config, hybrid_pattern(2, moe=True, mixer="+"), VOCAB, SEQ)

@@ -6,42 +6,79 @@ parameters (all but the input embedding, top-k / num_experts of each routed expe
 import pytest
 import torch
 
+from megatron_attnres.config.flops import kda_parameter_shapes
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import layer_pattern, transformer_config
 from megatron_attnres.mcore.model import build_model
-from megatron_attnres.training.metrics import kda_parameter_shapes
-from megatron_attnres.training.model_setup import layer_pattern, transformer_config
-from megatron_attnres.training.model_size import model_size
-from megatron_attnres.training.run_config import load_run_config
+from megatron_attnres.study.model_size import model_size
 
 pytestmark = [pytest.mark.mcore]
 
 # Scaled-down copies of the 48B pattern style: 4 layers, the first dense, MoE with a shared expert.
-SMALL = dict(num_layers=4, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4,
-             seq_length=16, vocab_size=96, num_experts=8, moe_first_k_dense=1, moe_router_topk=2,
-             moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=24,
-             moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-             attn_res_block_layers=2, micro_batch_size=1, global_batch_size=1)  # fmt: skip
-MLA = dict(multi_latent_attention=True, kv_lora_rank=12, qk_head_dim=8, qk_pos_emb_head_dim=4,
-           v_head_dim=8, qk_layernorm=True)  # fmt: skip
+SMALL = dict(
+    num_layers=4,
+    hidden_size=32,
+    ffn_hidden_size=48,
+    num_attention_heads=4,
+    seq_length=16,
+    vocab_size=96,
+    num_experts=8,
+    moe_first_k_dense=1,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=16,
+    moe_shared_expert_intermediate_size=24,
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    attn_res_block_layers=2,
+    micro_batch_size=1,
+    global_batch_size=1,
+)
+MLA = dict(
+    multi_latent_attention=True,
+    kv_lora_rank=12,
+    qk_head_dim=8,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=8,
+    qk_layernorm=True,
+)
 
 VARIANTS = {
     "mla_moe_attnres": {**MLA},
     "gqa_attention_attnres": dict(num_query_groups=2, kv_channels=6),
-    "mla_qlora_nope_attnres_off": {**MLA, "q_lora_rank": 10, "qk_pos_emb_head_dim": 0,
-                                   "enable_attention_residuals": False},
+    "mla_qlora_nope_attnres_off": {
+        **MLA,
+        "q_lora_rank": 10,
+        "qk_pos_emb_head_dim": 0,
+        "enable_attention_residuals": False,
+    },
     "tied_full_attnres": dict(untie_embeddings_and_output_weights=False, attn_res_mode="full"),
     # Kimi Linear's layer rule at 4 layers: KDA, then MLA (NoPE) at layer 4; the first dense
-    "kda_mla_nope_attnres": {**MLA, "hybrid_layer_pattern": "G-GEGE+E", "mla_use_nope": True,
-                             "linear_num_key_heads": 2, "linear_key_head_dim": 8,
-                             "linear_conv_kernel_dim": 3},
-    "kda_only_attnres_off": dict(hybrid_layer_pattern="G-GEGEGE", linear_num_key_heads=4,
-                                 linear_key_head_dim=6, enable_attention_residuals=False),
-}  # fmt: skip
+    "kda_mla_nope_attnres": {
+        **MLA,
+        "hybrid_layer_pattern": "G-GEGE+E",
+        "mla_use_nope": True,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 8,
+        "linear_conv_kernel_dim": 3,
+    },
+    "kda_only_attnres_off": dict(
+        hybrid_layer_pattern="G-GEGEGE",
+        linear_num_key_heads=4,
+        linear_key_head_dim=6,
+        enable_attention_residuals=False,
+    ),
+}
 
 
 def _build(run):
     tied = not run.untie_embeddings_and_output_weights
-    return build_model(transformer_config(run), layer_pattern(run), run.vocab_size,
-                       run.seq_length, share_embeddings_and_output_weights=tied)  # fmt: skip
+    return build_model(
+        transformer_config(run),
+        layer_pattern(run),
+        run.vocab_size,
+        run.seq_length,
+        share_embeddings_and_output_weights=tied,
+    )
 
 
 def _built_counts(run) -> tuple[int, int]:
@@ -70,8 +107,8 @@ def test_counts_equal_the_built_model(variant):
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v.startswith("kda")])
 def test_kda_and_mla_parts_equal_the_built_model(variant):
     """Every KDA mixer of the built model has exactly the contract's tensors and shapes
-    (metrics.kda_parameter_shapes), and the calculator's KDA and MLA sums equal the built mixers'
-    parameters (the MLA sum with its latent norm)."""
+    (config.flops.kda_parameter_shapes), and the calculator's KDA and MLA sums equal the built
+    mixers' parameters (the MLA sum with its latent norm)."""
     run = load_run_config(None, {**SMALL, **VARIANTS[variant]})
     pattern = layer_pattern(run)
     expected = {name: torch.Size(shape) for name, shape in kda_parameter_shapes(run).items()}
@@ -109,11 +146,16 @@ def test_kda_activation_estimate_outside_the_operator(monkeypatch):
     in the built KimiDeltaAttention (fp32, parameters and the input excluded, each storage
     once): within 15%, while counting the operator terms too would be far above."""
     from megatron_attnres.mcore import kda
-    from megatron_attnres.training.model_size import KDA_CHUNK, kda_activation_bytes
+    from megatron_attnres.study.model_size import KDA_CHUNK, kda_activation_bytes
 
     heads, dim, hidden, seq, batch = 4, 32, 96, 64, 2
-    sizes = dict(hybrid_layer_pattern="G-", num_layers=1, hidden_size=hidden,
-                 linear_num_key_heads=heads, linear_key_head_dim=dim)  # fmt: skip
+    sizes = dict(
+        hybrid_layer_pattern="G-",
+        num_layers=1,
+        hidden_size=hidden,
+        linear_num_key_heads=heads,
+        linear_key_head_dim=dim,
+    )
     run = load_run_config(None, sizes)
     layer = kda.KimiDeltaAttention(transformer_config(run), layer_number=1)
     monkeypatch.setattr(kda, "kda_operator", _OperatorStandIn.apply)

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import layer_pattern, transformer_config
 from megatron_attnres.mcore.model import build_model_chunks
-from megatron_attnres.training.engine import wrap_ddp
-from megatron_attnres.training.model_setup import (
-    layer_pattern,
-    optimizer_and_scheduler,
-    transformer_config,
-)
-from megatron_attnres.training.run_config import load_run_config
+from megatron_attnres.train.engine import wrap_ddp
+from megatron_attnres.train.optimizer import optimizer_and_scheduler
 
 pytestmark = [pytest.mark.mcore]
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"

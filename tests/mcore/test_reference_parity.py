@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron_attnres.attnres import tolerance
 from megatron_attnres.attnres.reference import ReferenceConfig, ReferenceModel
 from megatron_attnres.mcore.model import build_model
-from megatron_attnres.mcore.reference_mapping import (
+from megatron_attnres.testing.reference_mapping import (
     megatron_config,
     reference_pattern,
     reference_to_megatron,
@@ -21,12 +21,25 @@ VOCAB, SEQ, BATCH = 64, 12, 2
 
 
 def tiny_reference(mode: str, **overrides) -> ReferenceConfig:
-    fields = dict(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_attention_heads=4,
-                  num_query_groups=2, ffn_hidden_size=48, first_k_dense=1, num_experts=4,
-                  moe_router_topk=2, moe_ffn_hidden_size=24,
-                  moe_shared_expert_intermediate_size=16, moe_router_score_function="sigmoid",
-                  moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5,
-                  moe_aux_loss_coeff=0.01, residual_mode=mode, layers_per_block=1)  # fmt: skip
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=3,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=48,
+        first_k_dense=1,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=24,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_aux_loss_coeff=0.01,
+        residual_mode=mode,
+        layers_per_block=1,
+    )
     fields.update(overrides)
     return ReferenceConfig(**fields)
 
@@ -37,8 +50,9 @@ def randomised_reference(cfg: ReferenceConfig) -> ReferenceModel:
 
 def megatron_twin(ref: ReferenceModel, stack_spec=None):
     cfg = ref.cfg
-    model = build_model(megatron_config(cfg), reference_pattern(cfg), VOCAB, SEQ,
-                        stack_spec=stack_spec)  # fmt: skip
+    model = build_model(
+        megatron_config(cfg), reference_pattern(cfg), VOCAB, SEQ, stack_spec=stack_spec
+    )
     mapped = reference_to_megatron(ref.state_dict(), cfg)
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
@@ -50,8 +64,10 @@ def loss_and_grads(model, logits, labels):
     params = dict(model.named_parameters())
     # The first sublayer's read has one source (bypassed): its w and g get no gradient.
     grads = torch.autograd.grad(ce, list(params.values()), allow_unused=True)
-    return ce, {k: torch.zeros_like(params[k]) if g is None else g
-                for k, g in zip(params, grads, strict=True)}  # fmt: skip
+    return ce, {
+        k: torch.zeros_like(params[k]) if g is None else g
+        for k, g in zip(params, grads, strict=True)
+    }
 
 
 def run_megatron(model, tokens):
@@ -76,10 +92,12 @@ def test_megatron_model_matches_reference(mode):
     ref_params = dict(ref.named_parameters())
     ref_grads = torch.autograd.grad(ref_ce + aux, list(ref_params.values()), allow_unused=True)
     expected = reference_to_megatron(
-        {k: g if g is not None else torch.zeros_like(ref_params[k])
-         for k, g in zip(ref_params, ref_grads, strict=True)},
+        {
+            k: g if g is not None else torch.zeros_like(ref_params[k])
+            for k, g in zip(ref_params, ref_grads, strict=True)
+        },
         ref.cfg,
-    )  # fmt: skip
+    )
     assert set(grads) == set(expected) - {k for k in expected if k.endswith("expert_bias")}
     for name, grad in grads.items():
         TOL.assert_close(grad, expected[name], msg=name)

@@ -1,4 +1,5 @@
-"""The interleaved schedule's cached summary traffic (DESIGN section 5), for many shapes.
+"""The interleaved schedule's cached summary traffic (docs/architecture.md section 5), for many
+shapes.
 
 The exact count comes from the cache's `known()` rule applied to the stage layout that
 `pipeline_pattern` produces; the oracle is the closed form written in the design notes:
@@ -12,18 +13,27 @@ import torch
 from megatron_attnres.attnres.reference import ReferenceConfig
 from megatron_attnres.mcore.model import pipeline_pattern
 from megatron_attnres.mcore.pipeline import cached_transfer_counts, chunk_first_layers
-from megatron_attnres.mcore.reference_mapping import megatron_config, reference_pattern
+from megatron_attnres.testing.reference_mapping import megatron_config, reference_pattern
 
 
 @pytest.mark.parametrize(("P", "V", "Np"), [(2, 2, 1), (2, 3, 2), (4, 2, 1), (4, 3, 2), (3, 4, 1)])
 def test_cached_traffic_matches_the_closed_form_and_the_papers_bound(P, V, Np):
     blocks = P * V * Np
-    ref = ReferenceConfig(vocab_size=32, hidden_size=16, num_layers=blocks,
-                          num_attention_heads=2, ffn_hidden_size=16, residual_mode="block",
-                          layers_per_block=1)  # fmt: skip
-    config = megatron_config(ref, pipeline_model_parallel_size=P,
-                             virtual_pipeline_model_parallel_size=V,
-                             pipeline_dtype=torch.float32)  # fmt: skip
+    ref = ReferenceConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_layers=blocks,
+        num_attention_heads=2,
+        ffn_hidden_size=16,
+        residual_mode="block",
+        layers_per_block=1,
+    )
+    config = megatron_config(
+        ref,
+        pipeline_model_parallel_size=P,
+        virtual_pipeline_model_parallel_size=V,
+        pipeline_dtype=torch.float32,
+    )
     schedule = config.depth_block_schedule()
     pattern = pipeline_pattern(config, reference_pattern(ref))
     entering = [schedule.summaries_entering(first) for first in chunk_first_layers(pattern)]

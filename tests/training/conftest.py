@@ -65,28 +65,17 @@ class TinyModel:
 def tiny_model(*overrides: str, seed: int = 1234, vocab: int = 256) -> TinyModel:
     """The trainer's tiny model (configs/tiny.yaml shortened by QUICK), built as attnres-train
     builds it (with VOCAB tokens). Needs the megatron_rank fixture."""
-    from megatron_attnres.mcore.compat import model_parallel_manual_seed
-    from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
-    from megatron_attnres.training.checkpointing import model_signature
-    from megatron_attnres.training.engine import wrap_ddp
-    from megatron_attnres.training.model_setup import (
-        layer_pattern,
-        optimizer_and_scheduler,
-        transformer_config,
-    )
-    from megatron_attnres.training.run_config import load_run_config, parse_overrides
+    from megatron_attnres.config.load import load_run_config, parse_overrides
+    from megatron_attnres.train.build import build_run
 
     run = load_run_config(TINY, parse_overrides([*QUICK, "--vocab-size", str(vocab), *overrides]))
-    model_parallel_manual_seed(seed)
-    config = transformer_config(run)
-    pattern = pipeline_pattern(config, layer_pattern(run))
-    chunks = build_model_chunks(config, pattern, vocab, run.seq_length,
-                                position_embedding_type=run.position_embedding_type,
-                                rotary_base=run.rotary_base,
-                                share_embeddings_and_output_weights=False)  # fmt: skip
-    chunks = wrap_ddp(chunks)
-    optimizer, scheduler = optimizer_and_scheduler(run, chunks)
-    signature = model_signature(config, pattern, vocab, tied_embeddings=False)
+    built = build_run(run, vocab, seed=seed)
+    chunks, optimizer, scheduler, signature = (
+        built.chunks,
+        built.optimizer,
+        built.scheduler,
+        built.signature,
+    )
     return TinyModel(run, chunks, optimizer, scheduler, signature, vocab)
 
 
@@ -119,13 +108,31 @@ def torchrun(
     """`torchrun --standalone --max-restarts N -m megatron_attnres.train` on the tiny config
     (as trainer_runs.train), with extra environment variables. A run past TIMEOUT is killed
     with its whole process group (torchrun's workers included) before failing."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={ranks}", f"--max-restarts={max_restarts}",
-               "-m", "megatron_attnres.train", "--config", str(TINY), *QUICK,
-               "--run-dir", str(run_dir), *overrides]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=clean_env() | (env or {}), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "megatron_attnres.train",
+        "--config",
+        str(TINY),
+        *QUICK,
+        "--run-dir",
+        str(run_dir),
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=clean_env() | (env or {}),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_attnres.training import ablate
-from megatron_attnres.training.ablate_report import compare, depth_profile, layer_rms
+from megatron_attnres.study import ablate
+from megatron_attnres.study.ablate_report import compare, depth_profile, layer_rms
 from tests.training.trainer_runs import ROOT, clean_env
 
 
 def _ablate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "megatron_attnres.training.ablate", *args],
+        [sys.executable, "-m", "megatron_attnres.study.ablate", *args],
         cwd=ROOT,
         env=clean_env(),
         capture_output=True,
@@ -175,7 +175,7 @@ def test_gpu_preset_takes_a_few_steps_on_cuda(tmp_path):
 def test_data_option_builds_tokenizer_and_documents_from_local_files(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_attnres.training.tokenizer import load_tokenizer
+    from megatron_attnres.data.tokenizer import load_tokenizer
 
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "kappa", "lambda"]
     docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i)) for i in range(30)]

@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.slow]
     ],
 )
 def test_refused_before_training(tmp_path, overrides, ranks, message):
-    from megatron_attnres.training.preprocess import prepare_builtin_data
+    from megatron_attnres.data.preprocess import prepare_builtin_data
 
     tokenizer = prepare_builtin_data(tmp_path / "data", vocab_size=1024).tokenizer_model
     overrides = [

@@ -19,17 +19,27 @@ pytestmark = [pytest.mark.mcore]
 
 
 def _save(model, save, iteration, keep=None, signature="model"):
-    from megatron_attnres.training.checkpointing import Progress, save_checkpoint
+    from megatron_attnres.train.checkpointing import Progress, save_checkpoint
 
     progress = Progress(iteration=iteration, consumed_samples=8 * iteration)
     signature = model.signature if signature == "model" else signature
-    return save_checkpoint(save, model.chunks, model.optimizer, model.scheduler, progress,
-                           signature=signature, keep_last=keep)  # fmt: skip
+    return save_checkpoint(
+        save,
+        model.chunks,
+        model.optimizer,
+        model.scheduler,
+        progress,
+        signature=signature,
+        keep_last=keep,
+    )
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.chunks[0].module.state_dict().items()
-            if isinstance(v, torch.Tensor)}  # fmt: skip
+    return {
+        k: v.detach().clone()
+        for k, v in model.chunks[0].module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _perturb(model) -> None:
@@ -39,7 +49,7 @@ def _perturb(model) -> None:
 
 
 def _step(model, seed: int = 0) -> None:
-    from megatron_attnres.training.engine import train_step
+    from megatron_attnres.train.engine import train_step
 
     model.scheduler.step(increment=model.run.global_batch_size)  # warm-up starts at lr 0
     train_step(model.chunks, model.optimizer, model.batch(seed))
@@ -63,7 +73,7 @@ def _copy(saved, tmp_path):
 
 
 def test_a_complete_checkpoint_verifies_and_each_tear_is_named(saved, tmp_path):
-    from megatron_attnres.training.checkpoint_files import verify
+    from megatron_attnres.checkpoint.files import verify
 
     save = _copy(saved, tmp_path)
     assert verify(save / "iter_0000006") is None
@@ -85,7 +95,7 @@ def test_a_complete_checkpoint_verifies_and_each_tear_is_named(saved, tmp_path):
 
 
 def test_a_corrupt_latest_falls_back_to_the_previous_good_one(saved, tmp_path):
-    from megatron_attnres.training.checkpoint_files import choose
+    from megatron_attnres.checkpoint.files import choose
 
     save = _copy(saved, tmp_path)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
@@ -102,7 +112,7 @@ def test_a_corrupt_latest_falls_back_to_the_previous_good_one(saved, tmp_path):
 
 
 def test_the_tracker_decides_and_a_missing_target_falls_back(saved, tmp_path):
-    from megatron_attnres.training.checkpoint_files import TRACKER, choose
+    from megatron_attnres.checkpoint.files import TRACKER, choose
 
     save = _copy(saved, tmp_path)
     tracker = save / TRACKER
@@ -122,7 +132,7 @@ def test_the_tracker_decides_and_a_missing_target_falls_back(saved, tmp_path):
 
 
 def test_no_usable_checkpoint_is_an_error_naming_each(saved, tmp_path):
-    from megatron_attnres.training.checkpoint_files import choose
+    from megatron_attnres.checkpoint.files import choose
 
     save = _copy(saved, tmp_path)
     for name in ("iter_0000002", "iter_0000004", "iter_0000006"):
@@ -133,25 +143,27 @@ def test_no_usable_checkpoint_is_an_error_naming_each(saved, tmp_path):
 
 
 def test_loading_after_a_fallback_restores_the_previous_weights(saved, tmp_path):
-    from megatron_attnres.training.checkpointing import find_checkpoint, load_checkpoint
+    from megatron_attnres.train.checkpointing import find_checkpoint, load_checkpoint
 
     model, _, weights = saved
     save = _copy(saved, tmp_path)
     (save / "iter_0000006" / "__0_0.distcp").unlink()
     _perturb(model)
     choice = find_checkpoint(save)
-    loaded = load_checkpoint(choice.path, model.chunks, model.optimizer, model.scheduler,
-                             signature=model.signature)  # fmt: skip
+    loaded = load_checkpoint(
+        choice.path, model.chunks, model.optimizer, model.scheduler, signature=model.signature
+    )
     assert loaded.progress.iteration == 4 and loaded.progress.consumed_samples == 32
     assert loaded.weights_only is None and "at step 4" in loaded.summary()
     now = _weights(model)
     assert all(torch.equal(now[k], weights[4][k]) for k in weights[4])
-    assert not torch.equal(now["embedding.word_embeddings.weight"],
-                           weights[6]["embedding.word_embeddings.weight"])  # fmt: skip
+    assert not torch.equal(
+        now["embedding.word_embeddings.weight"], weights[6]["embedding.word_embeddings.weight"]
+    )
 
 
 def test_keep_last_removes_older_checkpoints_after_the_tracker(saved, tmp_path):
-    from megatron_attnres.training.checkpoint_files import prune
+    from megatron_attnres.checkpoint.files import prune
 
     model = saved[0]
     save = _copy(saved, tmp_path)
@@ -170,7 +182,7 @@ def test_keep_last_removes_older_checkpoints_after_the_tracker(saved, tmp_path):
 def test_a_save_that_fails_verification_is_not_renamed(megatron_rank, tmp_path, monkeypatch):
     from megatron.core import dist_checkpointing
 
-    from megatron_attnres.training import checkpointing
+    from megatron_attnres.train import checkpointing
 
     model = tiny_model()
     _step(model)
@@ -199,27 +211,37 @@ def test_the_writer_runs_in_this_process(saved):
 
 
 def test_the_recorded_model_config_is_checked_on_load(saved, tmp_path, megatron_rank):
-    from megatron_attnres.training.checkpointing import load_checkpoint
+    from megatron_attnres.train.checkpointing import load_checkpoint
 
     model, save, _ = saved
     other = tiny_model("--hidden-size", "32", "--num-experts", "8")
     with pytest.raises(ValueError, match="was saved from a different model") as err:
-        load_checkpoint(save / "iter_0000006", other.chunks, other.optimizer, other.scheduler,
-                        signature=other.signature)  # fmt: skip
+        load_checkpoint(
+            save / "iter_0000006",
+            other.chunks,
+            other.optimizer,
+            other.scheduler,
+            signature=other.signature,
+        )
     assert "hidden_size: checkpoint 64, this run 32" in str(err.value)
     assert "num_moe_experts: checkpoint 4, this run 8" in str(err.value)
     assert "num_attention_heads" not in str(err.value)
     old = tmp_path / "old"
     _save(model, old, 3, signature=None)  # as written before checkpoints carried the config
-    loaded = load_checkpoint(old / "iter_0000003", model.chunks, model.optimizer,
-                             model.scheduler, signature=model.signature)  # fmt: skip
+    loaded = load_checkpoint(
+        old / "iter_0000003",
+        model.chunks,
+        model.optimizer,
+        model.scheduler,
+        signature=model.signature,
+    )
     assert loaded.progress.iteration == 3
     assert "records no model config" in loaded.notes[0]
 
 
 def test_bad_checkpoint_options_are_refused(tmp_path):
-    from megatron_attnres.training.checkpointing import check_checkpoint_options
-    from megatron_attnres.training.run_config import RunConfig
+    from megatron_attnres.config.rules import check_checkpoint_options
+    from megatron_attnres.config.run import RunConfig
 
     run_dir = str(tmp_path)
     check_checkpoint_options(RunConfig(run_dir=run_dir, keep_last_checkpoints=None))

@@ -70,8 +70,14 @@ def test_killed_runs_restart_and_equal_the_uninterrupted_run(
 ):
     baseline = request.getfixturevalue(baseline)
     plan, run_dir = kill_plan(ranks), tmp_path / "run"
-    done = torchrun(run_dir, *SHORT, *layout, ranks=ranks, max_restarts=len(plan),
-                    env=_fault_env(plan, tmp_path / "markers"))  # fmt: skip
+    done = torchrun(
+        run_dir,
+        *SHORT,
+        *layout,
+        ranks=ranks,
+        max_restarts=len(plan),
+        env=_fault_env(plan, tmp_path / "markers"),
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     markers = sorted(p.name for p in (tmp_path / "markers").iterdir())
     expected = sorted(f"{k['point']}-step{k['step']}-rank{k.get('rank', 0)}" for k in plan)

@@ -1,4 +1,4 @@
-"""The FLOP formula behind TFLOP/s and MFU (`metrics.flops_per_token`) against an independent
+"""The FLOP formula behind TFLOP/s and MFU (`config.flops.flops_per_token`) against an independent
 count: DeepSpeed's FLOPs profiler on the forward pass of the tiny model.
 
 What the profiler counts here (deepspeed/profiling/flops_profiler/profiler.py): 2 x MACs of every
@@ -93,15 +93,15 @@ def _profile_forward(model, tokens, positions, monkeypatch) -> dict[str, int]:
 
 @pytest.mark.usefixtures("megatron_parallel_state")
 def test_flops_per_token_matches_deepspeeds_profiler(monkeypatch):
-    from megatron_attnres.mcore.compat import model_parallel_manual_seed
-    from megatron_attnres.mcore.model import build_model
-    from megatron_attnres.training.metrics import flops_per_token
-    from megatron_attnres.training.model_setup import (
+    from megatron_attnres.config.flops import flops_per_token
+    from megatron_attnres.config.load import load_run_config
+    from megatron_attnres.config.megatron import (
         layer_pattern,
         padded_vocab_size,
         transformer_config,
     )
-    from megatron_attnres.training.run_config import load_run_config
+    from megatron_attnres.mcore.compat import model_parallel_manual_seed
+    from megatron_attnres.mcore.model import build_model
 
     # DeepSpeed's profiler counts torch calls: the reads must run the PyTorch op, not the CPU
     # kernel (kernels/depth_read_cpu.py), whose arithmetic it cannot see.

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_attnres.training.checkpointing import _check_signature, model_signature
-from megatron_attnres.training.model_setup import transformer_config
-from megatron_attnres.training.run_config import load_run_config
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import transformer_config
+from megatron_attnres.train.checkpointing import _check_signature, model_signature
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "kimi_linear_debug.yaml"
 PATTERN = "G-GEGE+EGEGEGE+E"
@@ -21,9 +21,13 @@ def _signature(**overrides) -> dict:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("mla_use_nope", False), ("linear_num_key_heads", 2), ("linear_key_head_dim", 8),
-     ("linear_conv_kernel_dim", 2)],
-)  # fmt: skip
+    [
+        ("mla_use_nope", False),
+        ("linear_num_key_heads", 2),
+        ("linear_key_head_dim", 8),
+        ("linear_conv_kernel_dim", 2),
+    ],
+)
 def test_a_checkpoint_of_other_kimi_fields_is_refused(field, value, tmp_path):
     saved, expected = _signature(**{field: value}), _signature()
     assert saved[field] == value and expected[field] != value  # the run's value is recorded
@@ -34,7 +38,11 @@ def test_a_checkpoint_of_other_kimi_fields_is_refused(field, value, tmp_path):
 
 def test_a_checkpoint_from_before_the_kimi_fields_still_loads(tmp_path):
     expected = _signature()
-    fields = ("mla_use_nope", "linear_num_key_heads", "linear_key_head_dim",
-              "linear_conv_kernel_dim")  # fmt: skip
+    fields = (
+        "mla_use_nope",
+        "linear_num_key_heads",
+        "linear_key_head_dim",
+        "linear_conv_kernel_dim",
+    )
     old = {k: v for k, v in expected.items() if k not in fields}
     assert _check_signature(old, expected, tmp_path) is None

@@ -20,14 +20,39 @@ STEPS = 40
 @pytest.mark.slow
 def test_kimi_linear_debug_config_learns(tmp_path):
     run_dir = tmp_path / "kimi"
-    overrides = ["--train-iters", str(STEPS), "--lr-warmup-iters", "4",
-                 "--lr-wsd-decay-iters", "8", "--eval-interval", "1000", "--eval-iters", "2",
-                 "--save-interval", "1000", "--log-interval", "5", "--wandb-mode", "disabled",
-                 "--plots", "false"]  # fmt: skip
-    command = [sys.executable, "-m", "megatron_attnres.train", "--config", str(KIMI_DEBUG),
-               "--run-dir", str(run_dir), *overrides]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=1200)  # fmt: skip
+    overrides = [
+        "--train-iters",
+        str(STEPS),
+        "--lr-warmup-iters",
+        "4",
+        "--lr-wsd-decay-iters",
+        "8",
+        "--eval-interval",
+        "1000",
+        "--eval-iters",
+        "2",
+        "--save-interval",
+        "1000",
+        "--log-interval",
+        "5",
+        "--wandb-mode",
+        "disabled",
+        "--plots",
+        "false",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_attnres.train",
+        "--config",
+        str(KIMI_DEBUG),
+        "--run-dir",
+        str(run_dir),
+        *overrides,
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=1200
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
@@ -41,8 +66,8 @@ def test_kimi_linear_debug_config_learns(tmp_path):
 
 def test_kimi_debug_config_reaches_the_megatron_config():
     """The KDA and NoPE fields of the YAML reach the Megatron config (the defaults differ)."""
-    from megatron_attnres.training.model_setup import transformer_config
-    from megatron_attnres.training.run_config import load_run_config
+    from megatron_attnres.config.load import load_run_config
+    from megatron_attnres.config.megatron import transformer_config
 
     config = transformer_config(load_run_config(KIMI_DEBUG))
     assert type(config).__name__ == "AttnResMLATransformerConfig"

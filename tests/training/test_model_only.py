@@ -17,21 +17,36 @@ from tests.training.trainer_runs import checkpoint_tensors, metrics, train
 pytestmark = [pytest.mark.slow]
 
 # One step that leaves the weights as they are: lr 0 and a zero expert-bias update rate.
-FROZEN = ["--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0", "--lr-wsd-decay-iters", "1",
-          "--moe-router-bias-update-rate", "0", "--vocab-size", "1024"]  # fmt: skip
+FROZEN = [
+    "--lr",
+    "0",
+    "--min-lr",
+    "0",
+    "--lr-warmup-iters",
+    "0",
+    "--lr-wsd-decay-iters",
+    "1",
+    "--moe-router-bias-update-rate",
+    "0",
+    "--vocab-size",
+    "1024",
+]
 
 
 def _model_tensors(path, scratch) -> dict[str, torch.Tensor]:
     every = checkpoint_tensors(path, scratch)
-    return {k: v for k, v in every.items()
-            if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}  # fmt: skip
+    return {
+        k: v
+        for k, v in every.items()
+        if isinstance(v, torch.Tensor) and not k.startswith("optimizer")
+    }
 
 
 @pytest.fixture(scope="module")
 def model_only(megatron_rank, tmp_path_factory):
     """SAVE/iter_0000000 holding the tiny model with weights drawn here (std 0.05, seed 7)."""
-    from megatron_attnres.training.checkpoint_files import write_tracker
-    from megatron_attnres.training.checkpointing import use_in_process_writer
+    from megatron_attnres.checkpoint.files import write_tracker
+    from megatron_attnres.train.checkpointing import use_in_process_writer
 
     model = tiny_model(vocab=1024).chunks[0].module
     generator = torch.Generator().manual_seed(7)

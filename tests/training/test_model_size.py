@@ -1,7 +1,8 @@
-"""attnres-model-size on the 48B configs: parameter totals against independent counts (DESIGN
-section 7's figures, and transformers' own Kimi Linear model built on the meta device from the
-public config), the KDA count and FLOPs against transformers' KimiLinearDeltaAttention, and the
-per-GPU split of a parallel layout covering the model exactly once.
+"""attnres-model-size on the 48B configs: parameter totals against independent counts
+(docs/architecture.md section 7's figures, and transformers' own Kimi Linear model built on the
+meta device from the public config), the KDA count and FLOPs against transformers'
+KimiLinearDeltaAttention, and the per-GPU split of a parallel layout covering the model exactly
+once.
 (tests/mcore/test_model_size_exact.py checks the counts against built models.)"""
 
 import json
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_attnres.training.metrics import flops_per_token
-from megatron_attnres.training.model_setup import transformer_config
-from megatron_attnres.training.model_size import attnres_stage_bytes, main, model_size
-from megatron_attnres.training.run_config import load_run_config
+from megatron_attnres.config.flops import flops_per_token
+from megatron_attnres.config.load import load_run_config
+from megatron_attnres.config.megatron import transformer_config
+from megatron_attnres.study.model_size import attnres_stage_bytes, main, model_size
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ATTNRES, BASELINE, DEBUG = (
@@ -27,8 +28,9 @@ MLA_LAYERS = (4, 8, 12, 16, 20, 24, 27)  # 1-based, Kimi Linear's public config
 def kimi_pattern(layers: int, mla_layers) -> str:
     """Kimi Linear's layer rule in pattern symbols: MLA ('+') at `mla_layers`, KDA ('G')
     elsewhere, each followed by the dense MLP ('-') for layer 1 and MoE ('E') after."""
-    return "".join(("+" if i in mla_layers else "G") + ("-" if i == 1 else "E")
-                   for i in range(1, layers + 1))  # fmt: skip
+    return "".join(
+        ("+" if i in mla_layers else "G") + ("-" if i == 1 else "E") for i in range(1, layers + 1)
+    )
 
 
 CUT_FREE = kimi_pattern(27, MLA_LAYERS)  # the 48B pattern without its pipeline cut
@@ -43,7 +45,8 @@ def test_48b_totals_match_the_kimi_linear_shape(capsys):
     report = _json(capsys, "--config", str(ATTNRES), "--gpus", "64")
     total, active = report["parameters"]["total"], report["parameters"]["active"]
     assert 47e9 <= total <= 50e9 and 2.8e9 <= active <= 3.4e9  # the issue's acceptance ranges
-    assert abs(total - 49.1e9) < 0.05e9 and abs(active - 3.1e9) < 0.05e9  # DESIGN section 7
+    # The independent figures of docs/architecture.md section 7.
+    assert abs(total - 49.1e9) < 0.05e9 and abs(active - 3.1e9) < 0.05e9
     # The public config's layer rule, the cut after layer 15 (30 symbols, a depth-block boundary)
     assert report["pattern"] == CUT_FREE[:30] + "|" + CUT_FREE[30:]
     # Per KDA layer, by hand from the public config: q/k/v/o 4 x 2304 x 4096, short convs
@@ -66,13 +69,24 @@ def test_48b_totals_match_the_kimi_linear_shape(capsys):
 def test_48b_report_breaks_the_count_down_and_states_the_convention(capsys):
     assert main(["--config", str(ATTNRES), "--gpus", "64"]) == 0
     text = capsys.readouterr().out
-    rows = {line[:16].strip(): line.split()[-2:] for line in text.splitlines()
-            if line.startswith("  ") and len(line.split()) >= 3}  # fmt: skip
+    rows = {
+        line[:16].strip(): line.split()[-2:]
+        for line in text.splitlines()
+        if line.startswith("  ") and len(line.split()) >= 3
+    }
     report = model_size(load_run_config(ATTNRES), gpus=64)["parameters"]
-    labels = {"KDA G": "kda", "MLA +": "mla", "routed experts": "routed_experts",
-              "shared expert": "shared_expert", "MoE router": "router", "dense MLP -": "dense_mlp",
-              "embedding": "embedding", "LM head": "lm_head", "norms": "norms",
-              "AttnRes w, g": "attnres"}  # fmt: skip
+    labels = {
+        "KDA G": "kda",
+        "MLA +": "mla",
+        "routed experts": "routed_experts",
+        "shared expert": "shared_expert",
+        "MoE router": "router",
+        "dense MLP -": "dense_mlp",
+        "embedding": "embedding",
+        "LM head": "lm_head",
+        "norms": "norms",
+        "AttnRes w, g": "attnres",
+    }
     for label, key in labels.items():
         b = report["breakdown"][key]
         assert rows[label] == [f"{b['total']:,d}", f"{b['active']:,d}"], label
@@ -87,13 +101,32 @@ def _hf_kimi_linear_breakdown() -> dict[str, int]:
     from transformers import KimiLinearConfig, KimiLinearForCausalLM
 
     kda_layers = [i for i in range(1, 28) if i not in MLA_LAYERS]
-    config = KimiLinearConfig(linear_attn_config=dict(
-        kda_layers=kda_layers, full_attn_layers=list(MLA_LAYERS), num_heads=32, head_dim=128,
-        short_conv_kernel_size=4), first_k_dense_replace=1)  # fmt: skip
+    config = KimiLinearConfig(
+        linear_attn_config=dict(
+            kda_layers=kda_layers,
+            full_attn_layers=list(MLA_LAYERS),
+            num_heads=32,
+            head_dim=128,
+            short_conv_kernel_size=4,
+        ),
+        first_k_dense_replace=1,
+    )
     with torch.device("meta"):
         model = KimiLinearForCausalLM(config)
-    out = dict.fromkeys(("kda", "mla", "routed_experts", "shared_expert", "router", "dense_mlp",
-                         "norms", "embedding", "lm_head"), 0)  # fmt: skip
+    out = dict.fromkeys(
+        (
+            "kda",
+            "mla",
+            "routed_experts",
+            "shared_expert",
+            "router",
+            "dense_mlp",
+            "norms",
+            "embedding",
+            "lm_head",
+        ),
+        0,
+    )
     for name, param in model.named_parameters():
         parts = name.split(".")
         if "self_attn" in parts:
@@ -132,22 +165,31 @@ def _hf_kda(heads: int, head_dim: int, hidden: int, kernel: int):
     from transformers import KimiLinearConfig
     from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
-    config = KimiLinearConfig(hidden_size=hidden, num_hidden_layers=1, linear_attn_config=dict(
-        kda_layers=[1], full_attn_layers=[], num_heads=heads, head_dim=head_dim,
-        short_conv_kernel_size=kernel))  # fmt: skip
+    config = KimiLinearConfig(
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        linear_attn_config=dict(
+            kda_layers=[1],
+            full_attn_layers=[],
+            num_heads=heads,
+            head_dim=head_dim,
+            short_conv_kernel_size=kernel,
+        ),
+    )
     return KimiLinearDeltaAttention(config, layer_idx=0)
 
 
-KDA_SIZES = dict(hidden_size=48, linear_num_key_heads=3, linear_key_head_dim=8,
-                 linear_conv_kernel_dim=3)  # fmt: skip
+KDA_SIZES = dict(
+    hidden_size=48, linear_num_key_heads=3, linear_key_head_dim=8, linear_conv_kernel_dim=3
+)
 
 
 def test_kda_count_matches_transformers_kimi_delta_attention():
     """Our KDA shapes (the contract) against transformers' module at a toy size: the same
     numbers of parameters overall and per part (transformers fuses the three convolutions and
     keeps A_log as [1, 1, H, 1] inside its forget gate)."""
-    from megatron_attnres.training.metrics import kda_parameter_shapes
-    from megatron_attnres.training.model_size import sublayer_params
+    from megatron_attnres.config.flops import kda_parameter_shapes
+    from megatron_attnres.study.model_size import sublayer_params
 
     run = load_run_config(None, KDA_SIZES)
     hf = {n: p.numel() for n, p in _hf_kda(3, 8, 48, 3).named_parameters()}
@@ -169,8 +211,11 @@ def test_kda_flops_count_the_modules_weights_and_the_state_update():
     delta-rule state update (4 H D^2 multiply-accumulates); training = 3 x forward."""
     run = load_run_config(None, KDA_SIZES)
     module = _hf_kda(3, 8, 48, 3)
-    weights = sum(m.weight.numel() for m in module.modules()
-                  if isinstance(m, torch.nn.Linear | torch.nn.Conv1d))  # fmt: skip
+    weights = sum(
+        m.weight.numel()
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv1d)
+    )
     assert flops_per_token(run, 0, "G", []) == 3 * (2 * weights + 2 * 4 * 3 * 8**2)
     # each mixer symbol is sized as itself, whatever multi_latent_attention says
     one = {m: flops_per_token(run, 0, m, []) for m in "G+*"}
@@ -181,10 +226,19 @@ def test_debug_config_keeps_the_48b_rule_and_features():
     debug, big = load_run_config(DEBUG), load_run_config(ATTNRES)
     assert debug.hybrid_layer_pattern == kimi_pattern(8, (4, 8))
     assert debug.attn_res_block_layers == 2 and debug.enable_attention_residuals
-    for key in ("mla_use_nope", "qk_layernorm", "moe_first_k_dense", "moe_router_score_function",
-                "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
-                "moe_aux_loss_coeff", "attn_res_mode", "linear_conv_kernel_dim",
-                "untie_embeddings_and_output_weights", "q_lora_rank"):  # fmt: skip
+    for key in (
+        "mla_use_nope",
+        "qk_layernorm",
+        "moe_first_k_dense",
+        "moe_router_score_function",
+        "moe_router_enable_expert_bias",
+        "moe_router_topk_scaling_factor",
+        "moe_aux_loss_coeff",
+        "attn_res_mode",
+        "linear_conv_kernel_dim",
+        "untie_embeddings_and_output_weights",
+        "q_lora_rank",
+    ):
         assert getattr(debug, key) == getattr(big, key), key
     assert debug.qk_pos_emb_head_dim > 0 and debug.moe_shared_expert_intermediate_size
     assert debug.moe_router_topk == 2 < debug.num_experts
@@ -203,15 +257,30 @@ def test_baseline_differs_only_by_the_attnres_parameters(capsys):
     "layout",
     [
         dict(),  # the config's own plan: TP 2, PP 2, EP 8
-        dict(hybrid_layer_pattern=CUT_FREE, tensor_model_parallel_size=1, sequence_parallel=False,
-             pipeline_model_parallel_size=4, expert_model_parallel_size=16),
-        dict(hybrid_layer_pattern=CUT_FREE, pipeline_model_parallel_size=2,
-             virtual_pipeline_model_parallel_size=2, untie_embeddings_and_output_weights=False),
-        dict(hybrid_layer_pattern=CUT_FREE, tensor_model_parallel_size=4, sequence_parallel=True,
-             pipeline_model_parallel_size=1, expert_model_parallel_size=32,
-             use_distributed_optimizer=True, optimizer="adam"),
+        dict(
+            hybrid_layer_pattern=CUT_FREE,
+            tensor_model_parallel_size=1,
+            sequence_parallel=False,
+            pipeline_model_parallel_size=4,
+            expert_model_parallel_size=16,
+        ),
+        dict(
+            hybrid_layer_pattern=CUT_FREE,
+            pipeline_model_parallel_size=2,
+            virtual_pipeline_model_parallel_size=2,
+            untie_embeddings_and_output_weights=False,
+        ),
+        dict(
+            hybrid_layer_pattern=CUT_FREE,
+            tensor_model_parallel_size=4,
+            sequence_parallel=True,
+            pipeline_model_parallel_size=1,
+            expert_model_parallel_size=32,
+            use_distributed_optimizer=True,
+            optimizer="adam",
+        ),
     ],
-)  # fmt: skip
+)
 def test_per_gpu_shards_cover_the_model_once(layout):
     run = load_run_config(ATTNRES, layout)
     report = model_size(run, gpus=64)

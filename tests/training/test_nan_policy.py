@@ -14,15 +14,15 @@ pytestmark = [pytest.mark.slow]
 
 
 def _tensors(path, scratch) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in checkpoint_tensors(path, scratch).items()
-            if isinstance(v, torch.Tensor)}  # fmt: skip
+    return {
+        k: v for k, v in checkpoint_tensors(path, scratch).items() if isinstance(v, torch.Tensor)
+    }
 
 
 def test_skip_then_stop_after_max_skipped_steps(tmp_path, monkeypatch, baseline_1rank):
     run_dir = tmp_path / "run"
     monkeypatch.setenv("ATTNRES_INJECT_NAN", "step=3-4,sublayer=4,expert=1")
-    done = train(run_dir, *SHORT, "--save-interval", "1", "--max-skipped-steps", "1",
-                 check=False)  # fmt: skip
+    done = train(run_dir, *SHORT, "--save-interval", "1", "--max-skipped-steps", "1", check=False)
     assert done.returncode == 3, done.stderr[-3000:]  # NONFINITE_EXIT
     out, origin = (
         done.stdout,
@@ -49,8 +49,9 @@ def test_skip_then_stop_after_max_skipped_steps(tmp_path, monkeypatch, baseline_
     assert after_skip.keys() == before.keys() and any(k.startswith("optimizer") for k in before)
     assert [k for k in before if not torch.equal(before[k], after_skip[k])] == []
     first = _tensors(checkpoints / "iter_0000001", tmp_path)  # negative control: steps move it
-    assert not torch.equal(first["embedding.word_embeddings.weight"],
-                           before["embedding.word_embeddings.weight"])  # fmt: skip
+    assert not torch.equal(
+        first["embedding.word_embeddings.weight"], before["embedding.word_embeddings.weight"]
+    )
     progress = load_common_state_dict(str(checkpoints / "iter_0000003"))["progress"]
     assert progress == {"iteration": 3, "consumed_samples": 24, "skipped_steps": 1}
 
@@ -58,8 +59,16 @@ def test_skip_then_stop_after_max_skipped_steps(tmp_path, monkeypatch, baseline_
 def test_stop_names_an_expert_on_another_expert_parallel_rank(tmp_path):
     run_dir = tmp_path / "run"
     # EP=2 over 4 experts: expert 3 lives on rank 1; rank 0 prints the report.
-    done = torchrun(run_dir, *SHORT, "--expert-model-parallel-size", "2", "--nan-policy", "stop",
-                    ranks=2, env={"ATTNRES_INJECT_NAN": "step=2,sublayer=6,expert=3"})  # fmt: skip
+    done = torchrun(
+        run_dir,
+        *SHORT,
+        "--expert-model-parallel-size",
+        "2",
+        "--nan-policy",
+        "stop",
+        ranks=2,
+        env={"ATTNRES_INJECT_NAN": "step=2,sublayer=6,expert=3"},
+    )
     assert done.returncode != 0 and "exitcode  : 3" in done.stderr  # torchrun reports the code
     report = (
         "step 2: non-finite loss or gradient, from sublayer 6 (MoE), expert 3 (first non-finite "

@@ -15,13 +15,16 @@ pytestmark = [pytest.mark.mcore]
 
 def _state(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (expert biases included)."""
-    return {k: v.detach().clone() for k, v in model.chunks[0].module.state_dict().items()
-            if isinstance(v, torch.Tensor)}  # fmt: skip
+    return {
+        k: v.detach().clone()
+        for k, v in model.chunks[0].module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _step(model, step: int):
-    from megatron_attnres.training import faults
-    from megatron_attnres.training.engine import train_step
+    from megatron_attnres.train import faults
+    from megatron_attnres.train.engine import train_step
 
     faults.begin_step(step)
     model.scheduler.step(increment=model.run.global_batch_size)  # warm-up starts at lr 0
@@ -29,15 +32,15 @@ def _step(model, step: int):
 
 
 def _locate(model, step: int) -> dict:
-    from megatron_attnres.training.engine import forward_backward
-    from megatron_attnres.training.nonfinite import locate
+    from megatron_attnres.train.engine import forward_backward
+    from megatron_attnres.train.nonfinite import locate
 
     batch = model.batch(step)
     return locate(model.chunks, lambda: forward_backward(model.chunks, batch, forward_only=True))
 
 
 def _injected(monkeypatch, spec: str):
-    from megatron_attnres.training import faults
+    from megatron_attnres.train import faults
 
     monkeypatch.setenv("ATTNRES_INJECT_NAN", spec)
     model = tiny_model()
@@ -62,8 +65,9 @@ def test_a_skipped_step_changes_nothing_and_names_the_expert(megatron_rank, monk
     moved = _state(model)
     bias = "decoder.layers.3.mlp.router.expert_bias"
     assert not torch.equal(moved[bias], after[bias])
-    assert not torch.equal(moved["embedding.word_embeddings.weight"],
-                           after["embedding.word_embeddings.weight"])  # fmt: skip
+    assert not torch.equal(
+        moved["embedding.word_embeddings.weight"], after["embedding.word_embeddings.weight"]
+    )
 
 
 def test_a_nan_gradient_is_traced_to_its_expert(megatron_rank, monkeypatch):
@@ -87,15 +91,26 @@ def test_a_nan_in_a_depth_read_is_located(megatron_rank):
 
 @pytest.mark.parametrize(
     ("policy", "most", "skipped", "action"),
-    [("skip", 2, 0, "skip"), ("skip", 2, 1, "skip"), ("skip", 2, 2, "stop"),
-     ("skip", 0, 0, "stop"), ("stop", 5, 0, "stop")],
-)  # fmt: skip
+    [
+        ("skip", 2, 0, "skip"),
+        ("skip", 2, 1, "skip"),
+        ("skip", 2, 2, "stop"),
+        ("skip", 0, 0, "stop"),
+        ("stop", 5, 0, "stop"),
+    ],
+)
 def test_the_policy_skips_up_to_max_skipped_steps(policy, most, skipped, action):
-    from megatron_attnres.training.nonfinite import decide
+    from megatron_attnres.train.nonfinite import decide
 
     run = SimpleNamespace(nan_policy=policy, max_skipped_steps=most)
-    location = {"where": "sublayer 4 (MoE), expert 1", "module": "m", "sublayer": 4,
-                "expert": 1, "phase": "forward", "rank": 0}  # fmt: skip
+    location = {
+        "where": "sublayer 4 (MoE), expert 1",
+        "module": "m",
+        "sublayer": 4,
+        "expert": 1,
+        "phase": "forward",
+        "rank": 0,
+    }
     verdict = decide(run, skipped, 7, location)
     assert verdict.record["action"] == action and verdict.record["expert"] == 1
     assert "step 7: non-finite loss or gradient, from sublayer 4 (MoE), expert 1" in verdict.message
@@ -107,7 +122,7 @@ def test_the_policy_skips_up_to_max_skipped_steps(policy, most, skipped, action)
 
 
 def test_bad_policy_settings_are_refused():
-    from megatron_attnres.training.nonfinite import check_nan_policy
+    from megatron_attnres.config.rules import check_nan_policy
 
     with pytest.raises(ValueError, match="nan_policy='ignore'; use skip"):
         check_nan_policy(SimpleNamespace(nan_policy="ignore", max_skipped_steps=1))

@@ -4,14 +4,23 @@ from pathlib import Path
 
 import pytest
 
-from megatron_attnres.training.run_config import load_run_config, parse_overrides
+from megatron_attnres.config.load import load_run_config, parse_overrides
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_tiny_config_loads_and_overrides_take_either_spelling():
-    argv = ["--train-iters", "70", "--lr=1e-4", "--min-lr", "1e-5", "--bf16", "false",
-            "--data_path", "0.3 a 0.7 b"]  # fmt: skip
+    argv = [
+        "--train-iters",
+        "70",
+        "--lr=1e-4",
+        "--min-lr",
+        "1e-5",
+        "--bf16",
+        "false",
+        "--data_path",
+        "0.3 a 0.7 b",
+    ]
     run = load_run_config(TINY, parse_overrides(argv))
     assert run.train_iters == 70 and run.lr == 1e-4 and run.bf16 is False
     assert run.data_path == ["0.3", "a", "0.7", "b"]

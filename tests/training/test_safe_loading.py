@@ -77,8 +77,9 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
 def test_our_code_loads_nothing_unsafely():
     files = [path for folder in OURS for path in sorted(folder.rglob("*.py"))]
     assert len(files) > 30  # the walk found the package
-    found = [hit for path in files
-             for hit in unsafe_loads(path.read_text(), str(path.relative_to(ROOT)))]  # fmt: skip
+    found = [
+        hit for path in files for hit in unsafe_loads(path.read_text(), str(path.relative_to(ROOT)))
+    ]
     assert found == []
 
 

@@ -16,10 +16,19 @@ pytestmark = [pytest.mark.slow]
 def test_sigterm_during_startup_saves_after_the_first_step(tmp_path):
     run_dir = tmp_path / "run"
     env = clean_env()
-    command = [sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY), *QUICK,
-               "--run-dir", str(run_dir)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_attnres.train",
+        "--config",
+        str(TINY),
+        *QUICK,
+        "--run-dir",
+        str(run_dir),
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     lines = []
     for line in process.stdout:  # the resolved config is printed before start-up
         lines.append(line)
@@ -48,10 +57,25 @@ def test_sigterm_mid_training_saves_the_current_step_and_resumes_exactly(tmp_pat
     from tests.training.test_fault_injection import assert_equals_the_uninterrupted_run
 
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY), *QUICK,
-               "--run-dir", str(run_dir), *SHORT]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_attnres.train",
+        "--config",
+        str(TINY),
+        *QUICK,
+        "--run-dir",
+        str(run_dir),
+        *SHORT,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     lines = []
     for line in process.stdout:
         lines.append(line)

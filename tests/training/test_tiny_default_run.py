@@ -21,9 +21,22 @@ def test_tiny_config_learns_and_leaves_its_outputs(tmp_path):
     env = clean_env()
     env.pop("OMP_NUM_THREADS")  # as the README command runs: torch's own thread count
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "megatron_attnres.train", "--config", str(TINY),
-                           "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_attnres.train",
+            "--config",
+            str(TINY),
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     minutes = (time.monotonic() - start) / 60
     assert done.returncode == 0, done.stderr[-3000:]
     assert minutes < 10

@@ -9,10 +9,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 # The tiny config, shortened for tests: 20 steps, no mid-run evaluation, no wandb, no plots.
-QUICK = ["--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
-         "--train-iters", "20", "--lr-warmup-iters", "2", "--lr-wsd-decay-iters", "4",
-         "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "5",
-         "--wandb-mode", "disabled", "--plots", "false"]  # fmt: skip
+QUICK = [
+    "--seq-length",
+    "64",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "20",
+    "--lr-warmup-iters",
+    "2",
+    "--lr-wsd-decay-iters",
+    "4",
+    "--eval-interval",
+    "1000",
+    "--eval-iters",
+    "1",
+    "--log-interval",
+    "5",
+    "--wandb-mode",
+    "disabled",
+    "--plots",
+    "false",
+]
 
 
 def clean_env() -> dict[str, str]:
@@ -24,18 +44,28 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def train(run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True,
-          timeout: int = 600) -> subprocess.CompletedProcess:  # fmt: skip
+def train(
+    run_dir: Path, *overrides: str, ranks: int = 1, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python -m megatron_attnres.train` (under torchrun for several ranks) on the tiny config."""
     args = ["--config", str(TINY), *QUICK, "--run-dir", str(run_dir), *overrides]
     if ranks == 1:
         command = [sys.executable, "-m", "megatron_attnres.train", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={ranks}", "-m", "megatron_attnres.train", *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ranks}",
+            "-m",
+            "megatron_attnres.train",
+            *args,
+        ]
     env = clean_env()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"attnres-train failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done

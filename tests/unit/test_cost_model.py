@@ -1,5 +1,6 @@
-"""The cost model (bench/cost_model.py): the paper's traffic figures (DESIGN section 6), and exact
-agreement with the read/write bytes instrumented inside the HF model's two-phase depth reads."""
+"""The cost model (bench/cost_model.py): the paper's traffic figures (docs/architecture.md
+section 6), and exact agreement with the read/write bytes instrumented inside the HF model's
+two-phase depth reads."""
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ D = 2304  # any hidden size; the figures are per d
 
 
 def test_paper_figures_for_8_blocks_of_16():
-    # Oracle: the paper's Table 1 as DESIGN section 6 quotes it.
+    # Oracle: the paper's Table 1 as docs/architecture.md section 6 quotes it.
     assert paper_elements("none", D) == 3 * D
     assert paper_elements("block", D, num_blocks=8, block_size=16) == 5.5 * D
     assert paper_elements("full", D, num_blocks=8, block_size=16) == 24 * D
@@ -46,10 +47,17 @@ CASES = [  # (transformer layers, layers per depth block, mode, dtype): (N block
 
 
 def instrumented_forward(layers, layers_per_block, mode, dtype, tokens_shape=(2, 5), hidden=16):
-    config = AttnResConfig(vocab_size=32, hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, intermediate_size=32, num_experts=0,
-                           attn_res_mode=mode, attn_res_block_size=layers_per_block,
-                           mixer_types=["full_attention"] * layers)  # fmt: skip
+    config = AttnResConfig(
+        vocab_size=32,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_experts=0,
+        attn_res_mode=mode,
+        attn_res_block_size=layers_per_block,
+        mixer_types=["full_attention"] * layers,
+    )
     model = modeling_attnres.AttnResModel(config).to(dtype).eval()
     ids = torch.randint(0, 32, tokens_shape)
     with torch.no_grad(), instrument_two_phase(modeling_attnres) as measured:
@@ -87,6 +95,7 @@ def test_instrumentation_sees_a_phase_that_reads_too_much(monkeypatch):
 
 def test_training_read_counts_sources_and_scalars():
     parts = read_training_traffic(n=9, tokens=100, hidden=64, act_bytes=2)
-    assert parts["forward"] == Traffic(read=9 * 100 * 64 * 2, write=100 * 64 * 2 + 3 * 9 * 100 * 4,
-                                       flops=6 * 9 * 64 * 100)  # fmt: skip
+    assert parts["forward"] == Traffic(
+        read=9 * 100 * 64 * 2, write=100 * 64 * 2 + 3 * 9 * 100 * 4, flops=6 * 9 * 64 * 100
+    )
     assert read_training_traffic(n=1, tokens=100, hidden=64, act_bytes=2)["forward"] == Traffic()

@@ -3,10 +3,17 @@ runs as one rank; a Slurm task launch without MASTER_ADDR is refused with the fi
 
 import pytest
 
-from megatron_attnres.training.distributed import launch_environment
+from megatron_attnres.train.distributed import launch_environment
 
-VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS",
-             "SLURM_LOCALID")  # fmt: skip
+VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from megatron_attnres.training.plot import depth_attention_grid, main
+from megatron_attnres.train.plots import depth_attention_grid, main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "depth_attention.png", "layer_norms.png")
-# Block AttnRes, 6 sublayers, 4 per depth block (the format of training/diagnostics.py).
+# Block AttnRes, 6 sublayers, 4 per depth block (the format of train/diagnostics.py).
 DEPTH = {
     "1": {"completed": [1.0], "partial": None},
     "2": {"completed": [0.7], "partial": 0.3},
@@ -22,18 +22,33 @@ DEPTH = {
 
 def diagnostics(step: int) -> dict:
     norms = {str(n): 0.5 * n for n in range(1, 7)}
-    return {"kind": "diagnostics", "step": step, "depth_attention": DEPTH,
-            "output_norm": norms, "grad_norm": {k: 1e-3 / v for k, v in norms.items()},
-            "moe": {"2": {"expert_load": [0.5, 0.5], "router_entropy": 0.6,
-                          "expert_bias_abs_mean": None}}}  # fmt: skip
+    return {
+        "kind": "diagnostics",
+        "step": step,
+        "depth_attention": DEPTH,
+        "output_norm": norms,
+        "grad_norm": {k: 1e-3 / v for k, v in norms.items()},
+        "moe": {
+            "2": {"expert_load": [0.5, 0.5], "router_entropy": 0.6, "expert_bias_abs_mean": None}
+        },
+    }
 
 
 def write_run(run_dir, diagnostics_records=True, train=True):
     lines = []
     for step in range(1, 21):
         if train:
-            lines.append({"kind": "train", "step": step, "loss": 5.0 / step, "lr": 1e-3,
-                          "grad_norm": 0.5, "tokens_per_s": 1000.0, "mfu": None})  # fmt: skip
+            lines.append(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": 5.0 / step,
+                    "lr": 1e-3,
+                    "grad_norm": 0.5,
+                    "tokens_per_s": 1000.0,
+                    "mfu": None,
+                }
+            )
         if step % 10 == 0:
             lines.append({"kind": "valid", "step": step, "loss": 6.0 / step})
             if diagnostics_records:
@@ -86,11 +101,13 @@ def test_without_diagnostics_only_the_loss_is_plotted(tmp_path, capsys):
         (lambda d: d, "does not exist; a run directory is written by attnres-train"),
         (lambda d: d.mkdir(), "metrics.jsonl not found; attnres-train writes it"),
         (lambda d: write_run(d, train=False), "has no train records"),
-        (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"kind": "train"\n')),
-         "metrics.jsonl, line 1: not valid JSON"),
+        (
+            lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"kind": "train"\n')),
+            "metrics.jsonl, line 1: not valid JSON",
+        ),
     ],
     ids=["missing-run-dir", "missing-metrics", "no-train-records", "bad-json"],
-)  # fmt: skip
+)
 def test_clear_errors(tmp_path, capsys, setup, message):
     run_dir = tmp_path / "run"
     setup(run_dir)

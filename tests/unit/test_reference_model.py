@@ -1,4 +1,5 @@
-"""The eager reference model against loops written independently here (DESIGN section 3)."""
+"""The eager reference model against loops written independently here (docs/architecture.md
+section 3)."""
 
 import math
 

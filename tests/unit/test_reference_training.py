@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_attnres.training.reference_train import tiny_config, train
+from megatron_attnres.study.reference_train import tiny_config, train
 
 
 @pytest.mark.slow

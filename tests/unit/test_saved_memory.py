@@ -1,4 +1,5 @@
-"""The lean depth read saves per-token scalars, not full tensors (DESIGN section 3)."""
+"""The lean depth read saves per-token scalars, not full tensors (docs/architecture.md
+section 3)."""
 
 import torch
 

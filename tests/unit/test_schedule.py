@@ -1,4 +1,5 @@
-"""The depth-block schedule against counts worked out by hand and the DESIGN formulas."""
+"""The depth-block schedule against counts worked out by hand and the formulas of
+docs/architecture.md section 3."""
 
 import pytest
 

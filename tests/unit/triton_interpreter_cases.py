@@ -53,8 +53,9 @@ CASES = [
 def test_fused_read_matches_reference_fp32(interpreter, num_sources, shape, block_tokens):
     sources, w, g = make_inputs(num_sources, shape)
     upstream = torch.randn(shape)
-    out, grads = read_and_grads(kern.fused_depth_read, sources, w, g, upstream,
-                                block_tokens=block_tokens)  # fmt: skip
+    out, grads = read_and_grads(
+        kern.fused_depth_read, sources, w, g, upstream, block_tokens=block_tokens
+    )
     ref_out, ref_grads = read_and_grads(depth_read_reference, sources, w, g, upstream)
     FP32.assert_close(out, ref_out)
     names = [f"source {i}" for i in range(num_sources)] + ["w", "g"]
@@ -145,8 +146,9 @@ def test_dispatch_switch(monkeypatch):
         kern.fused_depth_read([cpu.double()] * 2, torch.zeros(8), torch.ones(8), EPS)
 
 
-@pytest.mark.parametrize(("backend", "expected"), [("auto", "FusedDepthRead"),
-                                                   ("torch", "LeanDepthRead")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("backend", "expected"), [("auto", "FusedDepthRead"), ("torch", "LeanDepthRead")]
+)
 def test_model_read_dispatches(interpreter, monkeypatch, backend, expected):
     monkeypatch.setenv(kern.ENV_SWITCH, backend)
     read = DepthAttention(16, EPS, read_fn=kern.depth_read_auto)
@@ -155,8 +157,9 @@ def test_model_read_dispatches(interpreter, monkeypatch, backend, expected):
     sources = [torch.randn(5, 16, requires_grad=True) for _ in range(3)]
     out = read(sources)
     assert type(out.grad_fn).__name__.startswith(expected)
-    FP32.assert_close(out, depth_read_reference(sources, read.pseudo_query,
-                                                read.key_norm_weight, EPS))  # fmt: skip
+    FP32.assert_close(
+        out, depth_read_reference(sources, read.pseudo_query, read.key_norm_weight, EPS)
+    )
 
 
 # ----------------------------------------------------------------------------- two-phase

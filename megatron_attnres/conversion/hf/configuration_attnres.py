@@ -147,42 +147,53 @@ class AttnResConfig(PretrainedConfig):
         checks = [
             (
                 self.attn_res_mode in ATTN_RES_MODES,
-                "attn_res_mode", self.attn_res_mode, f"use one of {ATTN_RES_MODES}",
+                "attn_res_mode",
+                self.attn_res_mode,
+                f"use one of {ATTN_RES_MODES}",
             ),
             (
                 self.attn_res_mode != "block" or (isinstance(k, int) and 1 <= k <= layers),
-                "attn_res_block_size", k,
+                "attn_res_block_size",
+                k,
                 f"block mode needs 1..{layers} layers per depth block (or attn_res_mode='full')",
             ),
             (
                 len(self.mixer_types) == layers and set(self.mixer_types) <= set(MIXER_TYPES),
-                "mixer_types", self.mixer_types, f"list {layers} mixers from {MIXER_TYPES}",
+                "mixer_types",
+                self.mixer_types,
+                f"list {layers} mixers from {MIXER_TYPES}",
             ),
             (
                 self.moe_router_activation_func in ROUTER_ACTIVATIONS,
-                "moe_router_activation_func", self.moe_router_activation_func,
+                "moe_router_activation_func",
+                self.moe_router_activation_func,
                 f"use one of {ROUTER_ACTIVATIONS}",
             ),
             (
                 not self.num_experts or 1 <= self.num_experts_per_token <= self.num_experts,
-                "num_experts_per_token", self.num_experts_per_token,
+                "num_experts_per_token",
+                self.num_experts_per_token,
                 f"choose 1..num_experts={self.num_experts}",
             ),
             (
                 self.num_expert_group == 1 and self.topk_group == 1,
-                "(num_expert_group, topk_group)", (self.num_expert_group, self.topk_group),
+                "(num_expert_group, topk_group)",
+                (self.num_expert_group, self.topk_group),
                 "group-limited routing is not implemented; use (1, 1) for plain top-k",
             ),
             (
                 self.hidden_act == "silu",
-                "hidden_act", self.hidden_act, "experts are SwiGLU: use 'silu'",
+                "hidden_act",
+                self.hidden_act,
+                "experts are SwiGLU: use 'silu'",
             ),
             (
                 self.num_attention_heads % self.num_key_value_heads == 0,
-                "num_key_value_heads", self.num_key_value_heads,
+                "num_key_value_heads",
+                self.num_key_value_heads,
                 f"it must divide num_attention_heads={self.num_attention_heads}",
             ),
-        ]  # fmt: skip
+        ]
         checks += self._kda_checks()
         for ok, key, value, rule in checks:
             if not ok:
@@ -196,7 +207,8 @@ class AttnResConfig(PretrainedConfig):
         return [
             (
                 all(isinstance(v, int) and v > 0 for v in sizes),
-                "linear_attn_config", self.linear_attn_config,
+                "linear_attn_config",
+                self.linear_attn_config,
                 f"KDA layers need positive integers {KDA_SIZES} in linear_attn_config",
             ),
-        ]  # fmt: skip
+        ]

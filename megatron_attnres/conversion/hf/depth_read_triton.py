@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the two-phase depth read at inference (DESIGN section 6).
+"""Fused Triton kernels for the two-phase depth read at inference (docs/architecture.md
+section 6).
 
 Self-contained (torch and, guarded, triton): exported checkpoint folders ship this file next to
 modeling_attnres.py, which uses it when the tensors are on CUDA and triton imports (or, for
@@ -46,9 +47,23 @@ def triton_depth_read_available(tensor: torch.Tensor) -> bool:
     return (tensor.is_cuda and not interpreting) or (tensor.device.type == "cpu" and interpreting)
 
 
-def _phase1_kernel(src_ptrs, q_ptr, scores_ptr, max_ptr, denom_ptr, acc_ptr, num_sources, tokens,
-                   hidden, reads, eps, DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+def _phase1_kernel(
+    src_ptrs,
+    q_ptr,
+    scores_ptr,
+    max_ptr,
+    denom_ptr,
+    acc_ptr,
+    num_sources,
+    tokens,
+    hidden,
+    reads,
+    eps,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rids, hcols = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_H)
     row_ok, read_ok = rows < tokens, rids < reads
@@ -62,18 +77,25 @@ def _phase1_kernel(src_ptrs, q_ptr, scores_ptr, max_ptr, denom_ptr, acc_ptr, num
         for h0 in range(0, hidden, BLOCK_H):
             cols = h0 + hcols
             v_mask = row_ok[:, None] & (cols < hidden)[None, :]
-            v = tl.load(src + rows.to(tl.int64)[:, None] * hidden + cols[None, :],
-                        mask=v_mask, other=0.0).to(tl.float32)  # fmt: skip
-            q = tl.load(q_ptr + rids[:, None] * hidden + cols[None, :],
-                        mask=read_ok[:, None] & (cols < hidden)[None, :], other=0.0)  # fmt: skip
+            v = tl.load(
+                src + rows.to(tl.int64)[:, None] * hidden + cols[None, :], mask=v_mask, other=0.0
+            ).to(tl.float32)
+            q = tl.load(
+                q_ptr + rids[:, None] * hidden + cols[None, :],
+                mask=read_ok[:, None] & (cols < hidden)[None, :],
+                other=0.0,
+            )
             sumsq += tl.sum(v * v, axis=1)
             dots += tl.sum(v[:, None, :] * q[None, :, :], axis=2)
         score = tl.math.rsqrt(sumsq / hidden + eps)[:, None] * dots
         new_max = tl.maximum(run_max, score)
         denom = denom * tl.exp(run_max - new_max) + tl.exp(score - new_max)
         run_max = new_max
-        tl.store(scores_ptr + (n * tokens + rows)[:, None] * BLOCK_R + rids[None, :], score,
-                 mask=row_ok[:, None])  # fmt: skip
+        tl.store(
+            scores_ptr + (n * tokens + rows)[:, None] * BLOCK_R + rids[None, :],
+            score,
+            mask=row_ok[:, None],
+        )
     stat_offs = rows[:, None] * reads + rids[None, :]
     tl.store(max_ptr + stat_offs, run_max, mask=stat_mask)
     tl.store(denom_ptr + stat_offs, denom, mask=stat_mask)
@@ -85,18 +107,35 @@ def _phase1_kernel(src_ptrs, q_ptr, scores_ptr, max_ptr, denom_ptr, acc_ptr, num
         for n in range(num_sources):
             src = tl.load(src_ptrs + n).to(tl.pointer_type(DTYPE))
             v_mask = row_ok[:, None] & col_ok[None, :]
-            v = tl.load(src + rows.to(tl.int64)[:, None] * hidden + cols[None, :],
-                        mask=v_mask, other=0.0).to(tl.float32)  # fmt: skip
-            score = tl.load(scores_ptr + (n * tokens + rows)[:, None] * BLOCK_R + rids[None, :],
-                            mask=row_ok[:, None], other=0.0)  # fmt: skip
+            v = tl.load(
+                src + rows.to(tl.int64)[:, None] * hidden + cols[None, :], mask=v_mask, other=0.0
+            ).to(tl.float32)
+            score = tl.load(
+                scores_ptr + (n * tokens + rows)[:, None] * BLOCK_R + rids[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
             acc += tl.exp(score - run_max)[:, :, None] * v[:, None, :]
         acc_offs = stat_offs.to(tl.int64)[:, :, None] * hidden + cols[None, None, :]
         tl.store(acc_ptr + acc_offs, acc, mask=stat_mask[:, :, None] & col_ok[None, None, :])
 
 
-def _phase2_kernel(max_ptr, denom_ptr, acc_ptr, stat_stride, acc_stride, partial_ptr, q_ptr,
-                   out_ptr, tokens, hidden, eps, HAS_PARTIAL: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_H: tl.constexpr):  # fmt: skip
+def _phase2_kernel(
+    max_ptr,
+    denom_ptr,
+    acc_ptr,
+    stat_stride,
+    acc_stride,
+    partial_ptr,
+    q_ptr,
+    out_ptr,
+    tokens,
+    hidden,
+    eps,
+    HAS_PARTIAL: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     hcols = tl.arange(0, BLOCK_H)
     row_ok = rows < tokens
@@ -110,8 +149,11 @@ def _phase2_kernel(max_ptr, denom_ptr, acc_ptr, stat_stride, acc_stride, partial
         for h0 in range(0, hidden, BLOCK_H):
             cols = h0 + hcols
             mask = row_ok[:, None] & (cols < hidden)[None, :]
-            p = tl.load(partial_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :],
-                        mask=mask, other=0.0).to(tl.float32)  # fmt: skip
+            p = tl.load(
+                partial_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :],
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
             q = tl.load(q_ptr + cols, mask=cols < hidden, other=0.0)
             sumsq += tl.sum(p * p, axis=1)
             dots += tl.sum(p * q[None, :], axis=1)
@@ -123,8 +165,14 @@ def _phase2_kernel(max_ptr, denom_ptr, acc_ptr, stat_stride, acc_stride, partial
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + hcols
         mask = row_ok[:, None] & (cols < hidden)[None, :]
-        acc = tl.load(acc_ptr + rows.to(tl.int64)[:, None] * acc_stride + cols[None, :],
-                      mask=mask, other=0.0) * rescale[:, None]  # fmt: skip
+        acc = (
+            tl.load(
+                acc_ptr + rows.to(tl.int64)[:, None] * acc_stride + cols[None, :],
+                mask=mask,
+                other=0.0,
+            )
+            * rescale[:, None]
+        )
         offs = rows.to(tl.int64)[:, None] * hidden + cols[None, :]
         if HAS_PARTIAL:
             p = tl.load(partial_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -172,10 +220,23 @@ def depth_read_phase1_triton(completed, queries_RH: torch.Tensor, eps: float):
     if tokens:
         phase1, _ = _kernels()
         phase1[(triton.cdiv(tokens, block_t),)](
-            _pointer_table(sources, device), queries_RH, scratch, max_TR, denom_TR, acc_TRH,
-            len(sources), tokens, hidden, reads, float(eps), DTYPE=_tl_dtype(sources[0].dtype),
-            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_H=block_h, num_warps=4,
-        )  # fmt: skip
+            _pointer_table(sources, device),
+            queries_RH,
+            scratch,
+            max_TR,
+            denom_TR,
+            acc_TRH,
+            len(sources),
+            tokens,
+            hidden,
+            reads,
+            float(eps),
+            DTYPE=_tl_dtype(sources[0].dtype),
+            BLOCK_T=block_t,
+            BLOCK_R=block_r,
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
     return max_TR, denom_TR, acc_TRH
 
 
@@ -193,8 +254,20 @@ def depth_read_phase2_triton(max_T, denom_T, acc_TH, partial, query_H, eps: floa
     if tokens:
         _, phase2 = _kernels()
         phase2[(triton.cdiv(tokens, block_t),)](
-            max_T, denom_T, acc_TH, max_T.stride(0), acc_TH.stride(0), partial,
-            query_H.to(dtype=torch.float32).contiguous(), out, tokens, hidden, float(eps),
-            HAS_PARTIAL=partial is not acc_TH, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
-        )  # fmt: skip
+            max_T,
+            denom_T,
+            acc_TH,
+            max_T.stride(0),
+            acc_TH.stride(0),
+            partial,
+            query_H.to(dtype=torch.float32).contiguous(),
+            out,
+            tokens,
+            hidden,
+            float(eps),
+            HAS_PARTIAL=partial is not acc_TH,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            num_warps=4,
+        )
     return out

@@ -75,9 +75,10 @@ class DepthReadStats(NamedTuple):
 
 
 def depth_read_phase1(completed, queries_RH: torch.Tensor, eps: float) -> DepthReadStats:
-    """Phase 1 (DESIGN section 6): the R reads of one depth block over its completed summaries,
-    as one batched attention (pseudo-queries do not depend on the input). On CUDA with triton:
-    the fused kernel of depth_read_triton.py (ATTNRES_DEPTH_READ=torch keeps this code)."""
+    """Phase 1 (docs/architecture.md section 6): the R reads of one depth block over its
+    completed summaries, as one batched attention (pseudo-queries do not depend on the input).
+    On CUDA with triton: the fused kernel of depth_read_triton.py (ATTNRES_DEPTH_READ=torch keeps
+    this code)."""
     if triton_depth_read_available(completed[0]):
         return DepthReadStats(*depth_read_phase1_triton(completed, queries_RH, eps))
     values_NTH = _upcast(torch.stack(completed).flatten(1, -2))
@@ -255,10 +256,10 @@ class AttnResExpert(nn.Module):
 
 
 class AttnResRouter(nn.Module):
-    """Top-k router (DESIGN 3b): fp32 logits; sigmoid or softmax scores; experts chosen on
-    score + e_score_correction_bias, weighted by their scores (the bias never weights),
-    renormalised over the k chosen (a single sigmoid score is kept as is, like Megatron), times
-    routed_scaling_factor."""
+    """Top-k router (docs/architecture.md section 3b): fp32 logits; sigmoid or softmax scores;
+    experts chosen on score + e_score_correction_bias, weighted by their scores (the bias never
+    weights), renormalised over the k chosen (a single sigmoid score is kept as is, like
+    Megatron), times routed_scaling_factor."""
 
     def __init__(self, config: AttnResConfig):
         super().__init__()
@@ -341,8 +342,13 @@ class AttnResDecoderLayer(nn.Module):
 
     def sublayers(self, position_ids, attn_bias, cache, token_mask=None):
         """(f, pseudo-query, key norm) of the mixer and the MLP/MoE sublayer, in order."""
-        mixer = bind(self.mixer, position_ids=position_ids, attn_bias=attn_bias, cache=cache,
-                     token_mask=token_mask)  # fmt: skip
+        mixer = bind(
+            self.mixer,
+            position_ids=position_ids,
+            attn_bias=attn_bias,
+            cache=cache,
+            token_mask=token_mask,
+        )
         return [
             (mixer, self.self_attention_res_proj, self.self_attention_res_norm),
             (self.ffn, self.mlp_res_proj, self.mlp_res_norm),
@@ -413,9 +419,17 @@ class AttnResModel(AttnResPreTrainedModel):
             self.output_attn_res_norm = AttnResRMSNorm(h, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None,
-                attn_res_two_phase=None, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        attn_res_two_phase=None,
+        **kwargs,
+    ):
         """`attn_res_two_phase` overrides config.attn_res_two_phase for this call."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -448,7 +462,8 @@ class AttnResModel(AttnResPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache)
 
     def _depth_attention(self, embeds, sublayers, two_phase: bool):
-        """Full/Block AttnRes (DESIGN section 3); a depth block starts at every S-th sublayer."""
+        """Full/Block AttnRes (docs/architecture.md section 3); a depth block starts at every
+        S-th sublayer."""
         eps, S = self.config.rms_norm_eps, self.config.sublayers_per_block
         output_query = depth_query(self.output_attn_res_proj, self.output_attn_res_norm)
         completed, partial = [embeds], None  # summaries b_0..b_m, partial summary
@@ -495,10 +510,20 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             generation_config, model_kwargs, *args, **kwargs
         )
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, attn_res_two_phase=None, return_dict=None,
-                **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        attn_res_two_phase=None,
+        return_dict=None,
+        **kwargs,
+    ):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

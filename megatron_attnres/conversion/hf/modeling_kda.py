@@ -88,20 +88,36 @@ def delta_rule(q, k, v, g, beta, initial_state):
     if naive_chunk_kda is None:
         raise ImportError("this model has KDA layers, which need fla-core: pip install fla-core")
     if q.is_cuda:
-        o, state = chunk_kda(q, k, v, g, beta, initial_state=initial_state,
-                             output_final_state=True, use_qk_l2norm_in_kernel=True)  # fmt: skip
+        o, state = chunk_kda(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=initial_state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+        )
         return o, state.float()
     q, k = l2norm(q.float()), l2norm(k.float())
     if q.shape[1] == 1:
-        return naive_recurrent_kda(q, k, v, g, beta, initial_state=initial_state,
-                                   output_final_state=True)  # fmt: skip
+        return naive_recurrent_kda(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=True
+        )
     # Padded steps (k = 0, beta = 0, g = 0) leave the state unchanged and are cut from o.
     s = q.shape[1]
     pad = -s % CPU_CHUNK
     q, k, v, g = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v, g))
-    o, state = naive_chunk_kda(q, k, v, g, F.pad(beta, (0, 0, 0, pad)),
-                               initial_state=initial_state, output_final_state=True,
-                               chunk_size=CPU_CHUNK)  # fmt: skip
+    o, state = naive_chunk_kda(
+        q,
+        k,
+        v,
+        g,
+        F.pad(beta, (0, 0, 0, pad)),
+        initial_state=initial_state,
+        output_final_state=True,
+        chunk_size=CPU_CHUNK,
+    )
     return o[:, :s], state
 
 

@@ -5,11 +5,11 @@
                                   model-defining config fields)
     SAVE/latest_checkpointed_iteration.txt   Megatron-LM's tracker file
 
-A checkpoint is written into `iter_N.tmp`, verified (checkpoint_files.verify: every file the
+A checkpoint is written into `iter_N.tmp`, verified (checkpoint.files.verify: every file the
 metadata names is there and long enough), renamed, and only then named by the tracker (replaced
 atomically); older checkpoints beyond `keep_last_checkpoints` are removed last. A crash at any
 point leaves a loadable latest checkpoint, and loading skips a torn or corrupt one for the
-previous good one (checkpoint_files.choose). Because the format is Megatron's sharded one, a
+previous good one (checkpoint.files.choose). Because the format is Megatron's sharded one, a
 checkpoint loads into another TP/PP/EP layout of the same model (the RNG states are then
 reseeded, as they are per-rank).
 
@@ -19,7 +19,6 @@ and schedule.
 """
 
 import dataclasses
-import queue
 import random
 import shutil
 from dataclasses import dataclass
@@ -30,65 +29,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megatron_attnres.training import checkpoint_files as files
-from megatron_attnres.training import faults
-from megatron_attnres.training.checkpoint_files import TRACKER, checkpoint_dir  # noqa: F401
-
-# TransformerConfig fields that decide the checkpoint's tensors and what they compute.
-SIGNATURE_FIELDS = (
-    "hidden_size", "num_layers", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "normalization", "gated_linear_unit", "num_moe_experts", "moe_router_topk",
-    "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_score_function",
-    "moe_router_enable_expert_bias", "enable_attention_residuals", "attn_res_mode",
-    "attn_res_block_layers", "multi_latent_attention", "q_lora_rank", "kv_lora_rank",
-    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "qk_layernorm", "mla_use_nope",
-    "linear_num_key_heads", "linear_key_head_dim", "linear_conv_kernel_dim",
-)  # fmt: skip
-
-
-@dataclass
-class Progress:
-    iteration: int = 0  # optimizer steps done (skipped steps included, as in Megatron-LM)
-    consumed_samples: int = 0  # global samples consumed by those steps
-    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
-
-
-def model_signature(config, pattern: str, vocab_size: int, tied_embeddings: bool) -> dict:
-    """The model-defining fields recorded in every checkpoint and compared on load: the
-    TransformerConfig's SIGNATURE_FIELDS, the hybrid pattern without pipeline cuts, the padded
-    vocabulary and whether the output layer shares the embedding."""
-    signature = {}
-    for name in SIGNATURE_FIELDS:
-        value = getattr(config, name, None)
-        signature[name] = value if isinstance(value, int | float | str | None) else str(value)
-    return signature | {
-        "hybrid_layer_pattern": pattern.replace("|", ""),
-        "vocab_size": vocab_size,
-        "tied_embeddings": tied_embeddings,
-    }
-
-
-def _check_signature(saved: dict | None, expected: dict | None, path: Path) -> str | None:
-    """Raise when the checkpoint was written for another model; a note for old checkpoints."""
-    if expected is None:
-        return None
-    if saved is None:
-        return (
-            f"WARNING: checkpoint {path} records no model config (written before checkpoints "
-            "carried one); loading it without checking that it fits this model"
-        )
-    wrong = [f"{k}: checkpoint {saved[k]!r}, this run {v!r}" for k, v in expected.items()
-             if k in saved and saved[k] != v]  # fmt: skip
-    if wrong:
-        raise ValueError(
-            f"checkpoint {path} was saved from a different model ({'; '.join(wrong)}); run "
-            "with the config it was trained with (config.yaml beside it), or point load/save at "
-            "another directory to start a new run"
-        )
-    return None
+from megatron_attnres.checkpoint import files
+from megatron_attnres.checkpoint.files import TRACKER, checkpoint_dir
+from megatron_attnres.checkpoint.format import (
+    MODEL_ONLY,
+    Progress,
+    check_signature,
+    model_state_key,
+    use_in_process_writer,
+)
+from megatron_attnres.train import faults
 
 
 def _unwrap(chunk):
@@ -118,8 +70,10 @@ def set_rng_state(state: dict) -> None:
 
 def _model_state(chunks) -> dict:
     # Sharded tensors are keyed globally, so this nesting does not have to match the writer's.
-    return {("model" if len(chunks) == 1 else f"model{i}"): _unwrap(chunk).sharded_state_dict()
-            for i, chunk in enumerate(chunks)}  # fmt: skip
+    return {
+        model_state_key(i, len(chunks)): _unwrap(chunk).sharded_state_dict()
+        for i, chunk in enumerate(chunks)
+    }
 
 
 def _weights_template(chunks) -> dict:
@@ -128,10 +82,13 @@ def _weights_template(chunks) -> dict:
     and attnres-convert-from-hf, which writes global tensors without building the model, has
     none to give."""
     return {
-        name: {k: v for k, v in state.items()
-               if not (isinstance(v, ShardedObject) and v.key.endswith("._extra_state"))}
+        name: {
+            k: v
+            for k, v in state.items()
+            if not (isinstance(v, ShardedObject) and v.key.endswith("._extra_state"))
+        }
         for name, state in _model_state(chunks).items()
-    }  # fmt: skip
+    }
 
 
 def _sharded_state(chunks, optimizer, scheduler, progress: Progress, loading: bool) -> dict:
@@ -143,19 +100,6 @@ def _sharded_state(chunks, optimizer, scheduler, progress: Progress, loading: bo
     state["world_size"] = world  # the RNG states below are per rank
     state["rng"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
     return state
-
-
-def use_in_process_writer() -> None:
-    """Make dist_checkpointing.save collect its writer threads' results in this process. Call
-    it before any synchronous save (save_checkpoint does; so should a converter).
-
-    megatron-core 0.19.2 collects them through a spawn-context multiprocessing Manager queue,
-    created on the first save (~10 s: the child re-imports everything) and left running as an
-    orphan, holding the parent's stdout, when the trainer is killed. In a synchronous save the
-    writer threads run in this process, so a thread-safe queue does the same job
-    (test_checkpoint_integrity checks that no helper process is started)."""
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
 
 
 def _agreed(value):
@@ -227,7 +171,7 @@ class Loaded:
 
 
 def find_checkpoint(load: str | Path) -> files.Choice:
-    """checkpoint_files.choose on rank 0, the same answer on every rank (collective)."""
+    """files.choose on rank 0, the same answer on every rank (collective)."""
     if dist.get_rank() == 0:
         try:
             choice = files.choose(load)
@@ -241,15 +185,22 @@ def find_checkpoint(load: str | Path) -> files.Choice:
     return choice
 
 
-def load_checkpoint(path: str | Path, chunks, optimizer, scheduler, *,
-                    signature: dict | None = None, finetune: bool = False) -> Loaded:  # fmt: skip
+def load_checkpoint(
+    path: str | Path,
+    chunks,
+    optimizer,
+    scheduler,
+    *,
+    signature: dict | None = None,
+    finetune: bool = False,
+) -> Loaded:
     """Restore the checkpoint directory PATH (an iter_N) into the model, optimizer and
     scheduler. Model-only checkpoints and `finetune` restore the model weights alone."""
     path = Path(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    note = _check_signature(common.get("model_config"), signature, path)
+    note = check_signature(common.get("model_config"), signature, path)
     notes = [note] if note else []
-    if finetune or common.get("model_only", False):
+    if finetune or common.get(MODEL_ONLY, False):
         state = dist_checkpointing.load(_weights_template(chunks), str(path))
         _load_model(chunks, state)
         optimizer.reload_model_params()  # mixed precision: refresh the fp32 main params
@@ -270,11 +221,12 @@ def load_checkpoint(path: str | Path, chunks, optimizer, scheduler, *,
 
 def _load_model(chunks, state: dict) -> None:
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state["model" if len(chunks) == 1 else f"model{i}"])
+        _unwrap(chunk).load_state_dict(state[model_state_key(i, len(chunks))])
 
 
-def resume(run, save: Path, chunks, optimizer, scheduler,
-           signature: dict) -> tuple[Loaded | None, list[str]]:  # fmt: skip
+def resume(
+    run, save: Path, chunks, optimizer, scheduler, signature: dict
+) -> tuple[Loaded | None, list[str]]:
     """What a run starts from, and the notes to print. A save directory that already holds a
     checkpoint is this run's own progress (a restart under torchrun --max-restarts, a Slurm
     requeue): resume from it, whatever `load` says. Otherwise `load` (with `finetune`), or
@@ -300,25 +252,7 @@ def resume(run, save: Path, chunks, optimizer, scheduler,
                 "checkpoint directory to fine-tune from"
             )
         return None, notes
-    loaded = load_checkpoint(choice.path, chunks, optimizer, scheduler, signature=signature,
-                             finetune=run.finetune)  # fmt: skip
+    loaded = load_checkpoint(
+        choice.path, chunks, optimizer, scheduler, signature=signature, finetune=run.finetune
+    )
     return loaded, notes + loaded.notes
-
-
-def check_checkpoint_options(run) -> None:
-    if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
-        raise ValueError(
-            f"keep_last_checkpoints={run.keep_last_checkpoints} must be >= 1 (the checkpoint "
-            "just written is always kept); use null to keep every checkpoint"
-        )
-    if run.finetune and not run.load:
-        raise ValueError(
-            "finetune=true needs load: the checkpoint directory whose model weights to start "
-            "from (set load, or drop finetune)"
-        )
-    save = Path(run.save or Path(run.run_dir) / "checkpoints")
-    if run.finetune and Path(run.load).resolve() == save.resolve():
-        raise ValueError(
-            f"finetune=true with load = save = {save}: every restart would load the run's own "
-            "latest weights and reset it to step 0; save the fine-tuning run elsewhere"
-        )

@@ -28,7 +28,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator
 from megatron_attnres.mcore.stack import AttnResHybridStack
-from megatron_attnres.training.nonfinite import expert_biases, step_is_finite
+from megatron_attnres.train.nonfinite import expert_biases, step_is_finite
 
 
 @dataclass
@@ -40,20 +40,23 @@ class StepResult:
 
 
 def wrap_ddp(model_chunks: list, **ddp_options) -> list[DistributedDataParallel]:
-    options = dict(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                   use_distributed_optimizer=False)  # fmt: skip
+    options = dict(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
     options.update(ddp_options)
     config = model_chunks[0].config
     _refuse_silent_wrong_results(config)
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(**options)
-    return [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(model_chunks)]  # fmt: skip
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(model_chunks)
+    ]
 
 
 def _refuse_silent_wrong_results(config) -> None:
-    # Measured on megatron-core 0.19.2 over gloo (DESIGN section 4): batched p2p with an
-    # interleaved pipeline gives wrong losses and gradients without any error.
+    # Measured on megatron-core 0.19.2 over gloo (docs/architecture.md section 4): batched p2p
+    # with an interleaved pipeline gives wrong losses and gradients without any error.
     interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
     if interleaved and config.batch_p2p_comm and dist.get_backend() == "gloo":
         raise ValueError(
@@ -63,8 +66,15 @@ def _refuse_silent_wrong_results(config) -> None:
 
 
 def make_optimizer(model_chunks: list, **options):
-    fields = dict(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=1.0, bf16=False,
-                  fp16=False, params_dtype=model_chunks[0].config.params_dtype)  # fmt: skip
+    fields = dict(
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=0.0,
+        clip_grad=1.0,
+        bf16=False,
+        fp16=False,
+        params_dtype=model_chunks[0].config.params_dtype,
+    )
     fields.update(options)
     return get_megatron_optimizer(OptimizerConfig(**fields), model_chunks)
 
@@ -101,14 +111,20 @@ def check_interleaved_microbatches(num_microbatches: int, summary_cache: bool) -
         )
 
 
-def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbatches: int,
-                            seq_length: int, micro_batch_size: int) -> dict:  # fmt: skip
+def _pipeline_communication(
+    model_chunks: list,
+    forward_only: bool,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> dict:
     """Schedule arguments for pipelines: our shape-safe communicator (SummaryP2PCommunicator)
     and a fresh step for each rank's summary cache (interleaved stages)."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return {}
-    stacks = [m for chunk in model_chunks for m in chunk.modules()
-              if isinstance(m, AttnResHybridStack)]  # fmt: skip
+    stacks = [
+        m for chunk in model_chunks for m in chunk.modules() if isinstance(m, AttnResHybridStack)
+    ]
     caches = {id(s.summary_cache): s.summary_cache for s in stacks if s.summary_cache}
     check_interleaved_microbatches(num_microbatches, bool(caches))
     for cache in caches.values():  # one per rank, shared by its chunks
@@ -119,13 +135,15 @@ def _pipeline_communication(model_chunks: list, forward_only: bool, num_microbat
     # one chunk per rank (1F1B) they are static.
     if config.variable_seq_lengths and len(model_chunks) == 1 and len(stacks) == 1 and not caches:
         shapes = stage_payload_shapes(stacks[0], config, seq_length, micro_batch_size)
-    communicator = SummaryP2PCommunicator(ps.get_pipeline_model_parallel_group(), config,
-                                          payload_shapes=shapes)  # fmt: skip
+    communicator = SummaryP2PCommunicator(
+        ps.get_pipeline_model_parallel_group(), config, payload_shapes=shapes
+    )
     return dict(p2p_communicator=communicator, pg_collection=_build_default_pg_collection())
 
 
-def stage_payload_shapes(stack: AttnResHybridStack, config, seq_length: int,
-                         micro_batch_size: int) -> tuple[tuple, tuple]:  # fmt: skip
+def stage_payload_shapes(
+    stack: AttnResHybridStack, config, seq_length: int, micro_batch_size: int
+) -> tuple[tuple, tuple]:
     """Shapes of the payload this stage receives and of the gradient it receives for what it
     sends: the summary counts times the schedule's per-summary shape (sequence divided over
     context parallelism and, with sequence parallelism, over tensor parallelism)."""
@@ -133,12 +151,12 @@ def stage_payload_shapes(stack: AttnResHybridStack, config, seq_length: int,
     if config.sequence_parallel:
         rows //= ps.get_tensor_model_parallel_world_size()
     received, sent = stack.payload_summary_counts()
-    return tuple((count * rows, micro_batch_size, config.hidden_size)
-                 for count in (received, sent))  # fmt: skip
+    return tuple((count * rows, micro_batch_size, config.hidden_size) for count in (received, sent))
 
 
-def forward_backward(model_chunks: list, microbatches: list[dict],
-                     forward_only: bool = False) -> float:  # fmt: skip
+def forward_backward(
+    model_chunks: list, microbatches: list[dict], forward_only: bool = False
+) -> float:
     """Accumulate gradients over this rank's micro-batches; returns the global mean loss."""
     tokens = microbatches[0]["tokens"]
     iterators = [iter(microbatches) for _ in model_chunks]
@@ -167,11 +185,12 @@ def forward_backward(model_chunks: list, microbatches: list[dict],
     return total.item() / ps.get_data_parallel_world_size()
 
 
-def train_step(model_chunks: list, optimizer, microbatches: list[dict],
-               skip_nonfinite: bool = False) -> StepResult:  # fmt: skip
+def train_step(
+    model_chunks: list, optimizer, microbatches: list[dict], skip_nonfinite: bool = False
+) -> StepResult:
     """One optimizer step. With `skip_nonfinite`, a NaN/Inf loss or gradient on any rank skips
     the update and leaves the model as it was (the router's expert bias included); the caller
-    decides what to do next (training/nonfinite.py)."""
+    decides what to do next (train/nonfinite.py)."""
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

@@ -19,8 +19,8 @@ import platform
 import statistics
 from pathlib import Path
 
-from megatron_attnres.training.diagnostics import OUTPUT_KEY, sublayer_sort_key
-from megatron_attnres.training.plot import plot_depth_attention, read_records, save_figure
+from megatron_attnres.train.diagnostics import OUTPUT_KEY, sublayer_sort_key
+from megatron_attnres.train.plots import plot_depth_attention, read_records, save_figure
 
 # Paper Table 4 (16-layer, 436M-active ablation): final validation loss.
 PAPER_TABLE4 = {"none": 1.766, "block": 1.746, "full": 1.737}

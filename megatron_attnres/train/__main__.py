@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_attnres.training.train import main
+from megatron_attnres.train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

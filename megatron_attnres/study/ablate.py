@@ -35,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_attnres.training.run_config import FIELDS, RunConfig
+from megatron_attnres.config.load import FIELDS
+from megatron_attnres.config.run import RunConfig
 
 VARIANTS = {
     "none": {"enable_attention_residuals": False},
@@ -214,7 +215,7 @@ def train_one(spec: RunSpec, config: dict, nproc: int, label: str, poll_s: float
     command = [
         sys.executable,
         "-m",
-        "megatron_attnres.training.train",
+        "megatron_attnres.train.trainer",
         "--config",
         str(config_path),
     ]
@@ -225,7 +226,7 @@ def train_one(spec: RunSpec, config: dict, nproc: int, label: str, poll_s: float
             "--standalone",
             f"--nproc-per-node={nproc}",
             "--module",
-            "megatron_attnres.training.train",
+            "megatron_attnres.train.trainer",
         ]
     total = config["train_iters"]
     started = time.monotonic()
@@ -260,8 +261,8 @@ def train_one(spec: RunSpec, config: dict, nproc: int, label: str, poll_s: float
 
 def prepare_data(output: Path, vocab_size: int, files: list[str], text_key: str) -> dict:
     """Tokenizer and .bin/.idx data in OUTPUT/data, built once; the config keys pointing at it."""
-    from megatron_attnres.training.preprocess import prepare_builtin_data, preprocess
-    from megatron_attnres.training.tokenizer import train_tokenizer
+    from megatron_attnres.data.preprocess import prepare_builtin_data, preprocess
+    from megatron_attnres.data.tokenizer import train_tokenizer
 
     out = output / "data"
     name = "builtin_text_document" if not files else "text_document"
@@ -300,7 +301,7 @@ def check_manifest(output: Path, manifest: dict) -> None:
 
 def parse_sets(items: list[str]) -> dict:
     """['train_iters=5', 'lr=1e-3'] -> {'train_iters': 5, 'lr': 0.001} (typed as RunConfig)."""
-    from megatron_attnres.training.run_config import parse_overrides
+    from megatron_attnres.config.load import parse_overrides
 
     argv = []
     for item in items:
@@ -383,7 +384,7 @@ def _plan(args, output: Path) -> tuple[list[RunSpec], dict]:
 
 def _validate(manifest: dict, specs: list[RunSpec]) -> None:
     """Every variant's config passes attnres-train's checks before anything runs."""
-    from megatron_attnres.training.run_config import check_run_config
+    from megatron_attnres.config.load import check_run_config
 
     placeholder = {"data_path": ["builtin"]}
     for variant in manifest["variants"]:
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             f"~{_fmt(left * sum(durations) / len(durations))} left",
             flush=True,
         )
-    from megatron_attnres.training.ablate_report import write_report
+    from megatron_attnres.study.ablate_report import write_report
 
     written = write_report(output, specs, manifest, elapsed_s=time.monotonic() - started)
     print((output / "results.md").read_text(), flush=True)

@@ -13,14 +13,14 @@ pseudo-query and a key-norm gain (2h) per sublayer read and for the output read.
   MLA '+'        Megatron's MultiLatentAttention; the qk_pos_emb_head_dim channels have their
                  weights whether or not they are rotated (mla_use_nope); with qk_layernorm the
                  latent norms (kv_lora_rank, + q_lora_rank under q-LoRA) count with MLA
-  KDA 'G'        metrics.kda_parameter_shapes (the KDA contract): q/k/v/o projections, three
+  KDA 'G'        config.flops.kda_parameter_shapes (the KDA contract): q/k/v/o projections, three
                  depthwise short convolutions, forget gate f_a/f_b + A_log + dt_bias, beta
                  projection b_proj, output gate g_a/g_b and the gated output norm o_norm
 Breakdown categories: each mixer, MLP and router counts everything inside it (its internal norms
 included); `norms` are the sublayers' pre-norms and the final norm. Active parameters are those a
 token passes through: everything except the input embedding, with top-k / num_experts of each MoE
 layer's routed experts; the LM head counts (tied: the shared matrix counts once, as the LM head).
-Training FLOPs per token: metrics.flops_per_token.
+Training FLOPs per token: config.flops.flops_per_token.
 
 Memory per GPU (bytes) on the rank of each pipeline stage:
   weights     params on the rank x 2 (bf16) or 4 (fp32); a rank holds the replicated parameters
@@ -75,19 +75,32 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
-from megatron_attnres.mcore.pipeline import chunk_first_layers
-from megatron_attnres.training.metrics import (
+from megatron_attnres.config.flops import (
     _attention_dims,
     flops_per_token,
     kda_parameter_shapes,
 )
-from megatron_attnres.training.model_setup import layer_pattern, padded_vocab_size
-from megatron_attnres.training.model_setup import transformer_config as make_transformer_config
-from megatron_attnres.training.run_config import RunConfig, load_run_config, parse_overrides
+from megatron_attnres.config.load import load_run_config, parse_overrides
+from megatron_attnres.config.megatron import layer_pattern, padded_vocab_size
+from megatron_attnres.config.megatron import transformer_config as make_transformer_config
+from megatron_attnres.config.rules import microbatches_per_step
+from megatron_attnres.config.run import RunConfig
+from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
+from megatron_attnres.mcore.pipeline import chunk_first_layers
 
-CATEGORIES = ("embedding", "lm_head", "attention", "mla", "kda", "dense_mlp", "router",
-              "shared_expert", "routed_experts", "norms", "attnres")  # fmt: skip
+CATEGORIES = (
+    "embedding",
+    "lm_head",
+    "attention",
+    "mla",
+    "kda",
+    "dense_mlp",
+    "router",
+    "shared_expert",
+    "routed_experts",
+    "norms",
+    "attnres",
+)
 # KDA parameters every tensor-parallel rank holds whole (mcore/kda.py splits the rest: by heads,
 # and the low-rank gates' down projections f_a/g_a along D)
 KDA_REPLICATED = ("o_norm.weight",)
@@ -96,10 +109,19 @@ CONVENTION = (
     "embedding not; routed experts as top-k / num_experts of each MoE layer; KDA, MLA, "
     "attention, dense MLP, shared expert, router, norms and AttnRes in full"
 )
-LABELS = {"embedding": "embedding", "lm_head": "LM head", "attention": "attention *",
-          "mla": "MLA +", "kda": "KDA G", "dense_mlp": "dense MLP -", "router": "MoE router",
-          "shared_expert": "shared expert", "routed_experts": "routed experts",
-          "norms": "norms", "attnres": "AttnRes w, g"}  # fmt: skip
+LABELS = {
+    "embedding": "embedding",
+    "lm_head": "LM head",
+    "attention": "attention *",
+    "mla": "MLA +",
+    "kda": "KDA G",
+    "dense_mlp": "dense MLP -",
+    "router": "MoE router",
+    "shared_expert": "shared expert",
+    "routed_experts": "routed experts",
+    "norms": "norms",
+    "attnres": "AttnRes w, g",
+}
 KDA_CHUNK = 64  # fla-core chunk_kda's default chunk size (activation estimate)
 GB = 1e9
 MEMORY_HEADER = "per GPU, GB    params(B)  weights  grads  optimizer  activations  in flight  total"
@@ -193,38 +215,41 @@ def parameter_counts(run: RunConfig, pattern: str, vocab: int) -> dict:
     return dict(total=total, active=active, breakdown=breakdown)
 
 
-def depth_reads(schedule) -> list[int]:
-    """Sources of every depth read (each sublayer's, then the output read); [] without AttnRes."""
-    if not schedule.uses_depth_reads:
-        return []
-    reads = [schedule.sources(j).num_sources for j in range(1, schedule.num_sublayers + 1)]
-    return [*reads, schedule.num_final_sources()]
-
-
 def parallel_sizes(run: RunConfig, config, gpus: int | None) -> dict:
     """TP, PP, VP, EP, ETP, DP, expert-DP and micro-batches per step for `gpus` ranks (default:
     the smallest world the plan runs on)."""
-    tp, pp, ep = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
-                  run.expert_model_parallel_size)  # fmt: skip
+    tp, pp, ep = (
+        run.tensor_model_parallel_size,
+        run.pipeline_model_parallel_size,
+        run.expert_model_parallel_size,
+    )
     etp = config.expert_tensor_parallel_size
     if gpus is None:
-        gpus = next(n for n in range(tp * pp, tp * pp * ep * etp + 1, tp * pp)
-                    if (n // pp) % (ep * etp) == 0)  # fmt: skip
+        gpus = next(
+            n
+            for n in range(tp * pp, tp * pp * ep * etp + 1, tp * pp)
+            if (n // pp) % (ep * etp) == 0
+        )
     if gpus % (tp * pp) or (gpus // pp) % (ep * etp):
         raise ValueError(
             f"--gpus {gpus} does not fit TP={tp} x PP={pp} with EP={ep} x ETP={etp} per stage; "
             f"use a multiple of {tp * pp} whose share per stage ({gpus // pp}) EP x ETP divides"
         )
     dp, edp = gpus // (tp * pp), gpus // (pp * ep * etp)
-    if run.global_batch_size % (run.micro_batch_size * dp):
-        raise ValueError(
-            f"global_batch_size={run.global_batch_size} is not a multiple of micro_batch_size x "
-            f"DP = {run.micro_batch_size} x {dp}; change the batch or the plan"
-        )
-    microbatches = run.global_batch_size // (run.micro_batch_size * dp)
+    microbatches = microbatches_per_step(run, dp)
     vp = run.virtual_pipeline_model_parallel_size or 1
-    return dict(gpus=gpus, tp=tp, pp=pp, vp=vp, ep=ep, etp=etp, dp=dp, edp=edp,
-                micro_batch_size=run.micro_batch_size, microbatches=microbatches)  # fmt: skip
+    return dict(
+        gpus=gpus,
+        tp=tp,
+        pp=pp,
+        vp=vp,
+        ep=ep,
+        etp=etp,
+        dp=dp,
+        edp=edp,
+        micro_batch_size=run.micro_batch_size,
+        microbatches=microbatches,
+    )
 
 
 def sublayer_activation_bytes(run: RunConfig, symbol: str, tokens: int, tp: int) -> float:
@@ -261,8 +286,16 @@ def kda_activation_bytes(run: RunConfig, tokens: int, a: int) -> int:
     return tokens * saved
 
 
-def attnres_stage_bytes(schedule, first: int, last: int, final: bool, tokens: int, hidden: int,
-                        act_bytes: int, recompute_read: bool = True) -> int:  # fmt: skip
+def attnres_stage_bytes(
+    schedule,
+    first: int,
+    last: int,
+    final: bool,
+    tokens: int,
+    hidden: int,
+    act_bytes: int,
+    recompute_read: bool = True,
+) -> int:
     """AttnRes's extra saved bytes on a chunk of sublayers first..last (1-based): the terms of
     DepthBlockSchedule.saved_activation_overhead_bytes that fall in the chunk, plus the summaries
     it receives when it is not the first chunk. Summed over PP=1's only chunk, the same number."""
@@ -276,16 +309,18 @@ def attnres_stage_bytes(schedule, first: int, last: int, final: bool, tokens: in
     return (kept_results + received) * tokens * hidden * act_bytes + scalars
 
 
-def chunk_activation_bytes(run: RunConfig, schedule, segment: str, first: int, last: bool,
-                           vocab: int, tp: int) -> float:  # fmt: skip
+def chunk_activation_bytes(
+    run: RunConfig, schedule, segment: str, first: int, last: bool, vocab: int, tp: int
+) -> float:
     """Bytes a pipeline chunk saves for backward per micro-batch."""
     tokens, a, h = run.micro_batch_size * run.seq_length, 2 if run.bf16 else 4, run.hidden_size
     total = sum(sublayer_activation_bytes(run, s, tokens, tp) for s in segment)
     if last:
         total += 2 * a * tokens * h / (tp if run.sequence_parallel else 1)
         total += 4 * tokens * vocab / tp
-    attnres = attnres_stage_bytes(schedule, first, first + len(segment) - 1, last, tokens, h, a,
-                                  run.attn_res_recompute_read)  # fmt: skip
+    attnres = attnres_stage_bytes(
+        schedule, first, first + len(segment) - 1, last, tokens, h, a, run.attn_res_recompute_read
+    )
     return total + attnres / (tp if run.sequence_parallel else 1)
 
 
@@ -306,8 +341,9 @@ def optimizer_bytes_per_param(run: RunConfig, p: Params) -> int:
     return master + 8  # Adam (and Muon's AdamW part): two fp32 moments
 
 
-def rank_memory(run: RunConfig, sizes: dict, chunks: list[list[Params]], acts: list[float],
-                rank: int) -> dict:  # fmt: skip
+def rank_memory(
+    run: RunConfig, sizes: dict, chunks: list[list[Params]], acts: list[float], rank: int
+) -> dict:
     """Per-GPU memory of pipeline rank `rank` (its chunks: rank, rank + P, ...)."""
     tp, ep_etp = sizes["tp"], sizes["ep"] * sizes["etp"]
     mine = range(rank, len(chunks), sizes["pp"])
@@ -324,10 +360,17 @@ def rank_memory(run: RunConfig, sizes: dict, chunks: list[list[Params]], acts: l
             optimizer += states
     mean_chunk = sum(acts[c] for c in mine) / len(mine)
     flying = in_flight(sizes, rank)
-    out = dict(pipeline_rank=rank, chunks=list(mine), params=weights, params_by_sharding=split,
-               weights_bytes=weights * (2 if run.bf16 else 4), grads_bytes=weights * 4,
-               optimizer_bytes=optimizer, microbatches_in_flight=flying,
-               activations_bytes=flying * mean_chunk)  # fmt: skip
+    out = dict(
+        pipeline_rank=rank,
+        chunks=list(mine),
+        params=weights,
+        params_by_sharding=split,
+        weights_bytes=weights * (2 if run.bf16 else 4),
+        grads_bytes=weights * 4,
+        optimizer_bytes=optimizer,
+        microbatches_in_flight=flying,
+        activations_bytes=flying * mean_chunk,
+    )
     parts = ("weights_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")
     out["total_bytes"] = sum(out[k] for k in parts)
     return out
@@ -345,10 +388,12 @@ def model_size(run: RunConfig, gpus: int | None = None) -> dict:
     segments, firsts = pattern.split("|"), chunk_first_layers(pattern)
     last = len(segments) - 1
     chunks = [chunk_params(run, seg, vocab, c == 0, c == last) for c, seg in enumerate(segments)]
-    acts = [chunk_activation_bytes(run, schedule, seg, firsts[c], c == last, vocab, sizes["tp"])
-            for c, seg in enumerate(segments)]  # fmt: skip
+    acts = [
+        chunk_activation_bytes(run, schedule, seg, firsts[c], c == last, vocab, sizes["tp"])
+        for c, seg in enumerate(segments)
+    ]
     ranks = [rank_memory(run, sizes, chunks, acts, r) for r in range(sizes["pp"])]
-    flops = flops_per_token(run, vocab, pattern, depth_reads(schedule))
+    flops = flops_per_token(run, vocab, pattern, schedule.read_source_counts())
     return dict(
         pattern=pattern,
         vocab_size=vocab,
@@ -370,24 +415,42 @@ def _short(count: int) -> str:
 
 def format_report(report: dict) -> str:
     p, s = report["parameters"], report["parallelism"]
-    lines = [f"pattern  {report['pattern']}   (vocab {report['vocab_size']:,})", "",
-             f"{'parameters':16s} {'total':>16s} {'active':>16s}"]  # fmt: skip
+    lines = [
+        f"pattern  {report['pattern']}   (vocab {report['vocab_size']:,})",
+        "",
+        f"{'parameters':16s} {'total':>16s} {'active':>16s}",
+    ]
     for name, b in p["breakdown"].items():
         lines.append(f"  {LABELS[name]:14s} {b['total']:16,d} {b['active']:16,d}")
-    lines += [f"  {'all':14s} {p['total']:16,d} {p['active']:16,d}   "
-              f"({_short(p['total'])} total, {_short(p['active'])} active)",
-              *("  " + line for line in textwrap.wrap(f"({p['convention']})", 96)), "",
-              f"training FLOPs per token  {report['training_flops_per_token']:.4g}", "",
-              f"{s['gpus']} GPUs = TP {s['tp']} x PP {s['pp']} x DP {s['dp']} (virtual stages "
-              f"{s['vp']}); experts EP {s['ep']} x ETP {s['etp']} x expert-DP {s['edp']}; "
-              f"{s['microbatches']} micro-batches of {s['micro_batch_size']} per step", "",
-              MEMORY_HEADER]  # fmt: skip
+    lines += [
+        f"  {'all':14s} {p['total']:16,d} {p['active']:16,d}   "
+        f"({_short(p['total'])} total, {_short(p['active'])} active)",
+        *("  " + line for line in textwrap.wrap(f"({p['convention']})", 96)),
+        "",
+        f"training FLOPs per token  {report['training_flops_per_token']:.4g}",
+        "",
+        f"{s['gpus']} GPUs = TP {s['tp']} x PP {s['pp']} x DP {s['dp']} (virtual stages "
+        f"{s['vp']}); experts EP {s['ep']} x ETP {s['etp']} x expert-DP {s['edp']}; "
+        f"{s['microbatches']} micro-batches of {s['micro_batch_size']} per step",
+        "",
+        MEMORY_HEADER,
+    ]
     for r in report["memory_per_gpu"]:
-        gb = [r[k] / GB for k in ("weights_bytes", "grads_bytes", "optimizer_bytes",
-                                  "activations_bytes", "total_bytes")]  # fmt: skip
-        lines.append(f"  stage {r['pipeline_rank']:<7d} {r['params'] / 1e9:9.3f}  {gb[0]:7.1f}  "
-                     f"{gb[1]:5.1f}  {gb[2]:9.1f}  {gb[3]:11.1f}  "
-                     f"{r['microbatches_in_flight']:9d}  {gb[4]:5.1f}")  # fmt: skip
+        gb = [
+            r[k] / GB
+            for k in (
+                "weights_bytes",
+                "grads_bytes",
+                "optimizer_bytes",
+                "activations_bytes",
+                "total_bytes",
+            )
+        ]
+        lines.append(
+            f"  stage {r['pipeline_rank']:<7d} {r['params'] / 1e9:9.3f}  {gb[0]:7.1f}  "
+            f"{gb[1]:5.1f}  {gb[2]:9.1f}  {gb[3]:11.1f}  "
+            f"{r['microbatches_in_flight']:9d}  {gb[4]:5.1f}"
+        )
     return "\n".join(lines)
 
 

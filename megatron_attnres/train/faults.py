@@ -93,7 +93,7 @@ def _on_open(event: str, args: tuple) -> None:
         path = Path(os.fspath(args[0]))
         mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
         if path.name.startswith(".metadata") and "w" in mode:
-            from megatron_attnres.training.checkpoint_files import staged_iteration
+            from megatron_attnres.checkpoint.files import staged_iteration
 
             iteration = staged_iteration(path.parent)
             if iteration is not None:

@@ -39,8 +39,9 @@ def layer_offset(model) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
-def global_name(name: str, num_local_experts: int, ep_rank: int | None = None,
-                offset: int = 0) -> str:  # fmt: skip
+def global_name(
+    name: str, num_local_experts: int, ep_rank: int | None = None, offset: int = 0
+) -> str:
     """The single-rank name of a local parameter (local expert and layer indices -> global)."""
     ep_rank = _ep_layout()[0] if ep_rank is None else ep_rank
 
@@ -54,8 +55,11 @@ def global_name(name: str, num_local_experts: int, ep_rank: int | None = None,
 
 
 def _tp_group(name: str):
-    return (ps.get_expert_tensor_parallel_group() if is_expert(name)
-            else ps.get_tensor_model_parallel_group())  # fmt: skip
+    return (
+        ps.get_expert_tensor_parallel_group()
+        if is_expert(name)
+        else ps.get_tensor_model_parallel_group()
+    )
 
 
 def _split(param) -> tuple[int, int] | None:

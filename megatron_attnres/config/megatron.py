@@ -1,11 +1,11 @@
-"""From a RunConfig to Megatron-Core objects: the transformer config, the hybrid pattern, the
-model chunks, the optimizer and the learning-rate schedule."""
+"""A RunConfig in Megatron-Core's terms: the transformer config, the hybrid pattern, the padded
+vocabulary and the parallel sizes derived from the run's fields. Builds no module."""
 
 import math
 
 import torch
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_attnres.config.run import RunConfig
 from megatron_attnres.mcore.config import (
     ARCHITECTURE,
     UNFUSED_KERNELS,
@@ -13,8 +13,13 @@ from megatron_attnres.mcore.config import (
     AttnResTransformerConfig,
 )
 from megatron_attnres.mcore.model import hybrid_pattern
-from megatron_attnres.training.engine import make_optimizer
-from megatron_attnres.training.run_config import RunConfig
+
+
+def expert_tensor_parallel_size(run: RunConfig) -> int:
+    """Tensor-parallel size inside the experts: 1 under expert parallelism (each EP rank holds
+    whole experts), else the model's TP size (megatron-core's default). The one definition of
+    this rule: the transformer config, the parallel state and the config checks all ask here."""
+    return 1 if run.expert_model_parallel_size > 1 else run.tensor_model_parallel_size
 
 
 def padded_vocab_size(run: RunConfig, tokenizer_vocab: int) -> int:
@@ -74,9 +79,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         pipeline_model_parallel_size=run.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=run.expert_model_parallel_size,
-        expert_tensor_parallel_size=1
-        if run.expert_model_parallel_size > 1
-        else run.tensor_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(run),
         sequence_parallel=run.sequence_parallel,
         batch_p2p_comm=False,  # interleaved + batched p2p gives wrong results on gloo
         **ARCHITECTURE,
@@ -106,42 +109,3 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         )
         return AttnResMLATransformerConfig(**fields)
     return AttnResTransformerConfig(**fields)
-
-
-def optimizer_and_scheduler(run: RunConfig, chunks):
-    """Megatron-Core's optimizer and OptimizerParamScheduler (steps counted in samples, as in
-    Megatron-LM). Weight decay applies to matrices only: Megatron's default grouping exempts
-    biases and 1-D parameters (norm gains, AttnRes pseudo-queries and key-norm gains)."""
-    options = dict(
-        optimizer=run.optimizer,
-        lr=run.lr,
-        min_lr=run.min_lr,
-        weight_decay=run.weight_decay,
-        clip_grad=run.clip_grad,
-        bf16=run.bf16,
-        use_distributed_optimizer=run.use_distributed_optimizer,
-    )
-    if run.optimizer in ("adam", "muon"):
-        options.update(adam_beta1=run.adam_beta1, adam_beta2=run.adam_beta2, adam_eps=run.adam_eps)
-    if run.optimizer == "sgd":
-        options.update(sgd_momentum=run.sgd_momentum)
-    optimizer = make_optimizer(chunks, **options)
-    gbs = run.global_batch_size
-    decay_iters = run.lr_decay_iters or run.train_iters
-    wsd_iters = run.lr_wsd_decay_iters or max(1, round(0.2 * decay_iters))
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=run.lr,
-        min_lr=run.min_lr,
-        lr_warmup_steps=run.lr_warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
-        lr_decay_style=run.lr_decay_style,
-        start_wd=run.weight_decay,
-        end_wd=run.weight_decay,
-        wd_incr_steps=run.train_iters * gbs,
-        wd_incr_style="constant",
-        wsd_decay_steps=wsd_iters * gbs,
-        lr_wsd_decay_style=run.lr_wsd_decay_style,
-    )
-    return optimizer, scheduler

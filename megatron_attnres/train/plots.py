@@ -10,8 +10,8 @@
     attnres-plot runs/tiny
     attnres-plot runs/tiny --log-y
 
-The records are those `attnres-train` writes (`training/metrics.py`); the diagnostics format is
-documented in `training/diagnostics.py`.
+The records are those `attnres-train` writes (`train/metrics.py`); the diagnostics format is
+documented in `train/diagnostics.py`.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_attnres.training.diagnostics import OUTPUT_KEY, sublayer_sort_key
+from megatron_attnres.train.diagnostics import OUTPUT_KEY, sublayer_sort_key
 
 PARTIAL_COLUMN = "partial"
 

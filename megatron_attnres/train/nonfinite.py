@@ -21,22 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_attnres.training.checkpointing import rng_state, set_rng_state
-
-POLICIES = ("skip", "stop")
-
-
-def check_nan_policy(run) -> None:
-    if run.nan_policy not in POLICIES:
-        raise ValueError(
-            f"nan_policy={run.nan_policy!r}; use skip (drop the step's update, up to "
-            "max_skipped_steps times) or stop (save the last good state and exit)"
-        )
-    if run.max_skipped_steps < 0:
-        raise ValueError(
-            f"max_skipped_steps={run.max_skipped_steps} must be >= 0 (0 stops at the first "
-            "non-finite step, like nan_policy=stop)"
-        )
+from megatron_attnres.train.checkpointing import rng_state, set_rng_state
 
 
 def _unwrap(chunk):
@@ -70,9 +55,12 @@ def step_is_finite(chunks, loss: float) -> bool:
 def expert_biases(chunks) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(router expert bias, a copy): finalize_model_grads updates the bias from the step's token
     counts before the optimizer runs, so a skipped step puts the copies back."""
-    return [(m.expert_bias, m.expert_bias.detach().clone()) for chunk in chunks
-            for m in _unwrap(chunk).modules()
-            if getattr(m, "expert_bias", None) is not None]  # fmt: skip
+    return [
+        (m.expert_bias, m.expert_bias.detach().clone())
+        for chunk in chunks
+        for m in _unwrap(chunk).modules()
+        if getattr(m, "expert_bias", None) is not None
+    ]
 
 
 @dataclass
@@ -103,10 +91,18 @@ def _sublayer_kind(layer) -> str:
 def module_places(chunk) -> dict[str, tuple[str, int | None, int | None]]:
     """Qualified module name -> (description, sublayer, expert) for one model chunk."""
     model = _unwrap(chunk)
-    places = {name: ("embedding", 0, None) for name, _ in model.named_modules()
-              if name.startswith("embedding")}  # fmt: skip
-    places.update({name: ("output layer", None, None) for name, _ in model.named_modules()
-                   if name.startswith("output_layer") or name == ""})  # fmt: skip
+    places = {
+        name: ("embedding", 0, None)
+        for name, _ in model.named_modules()
+        if name.startswith("embedding")
+    }
+    places.update(
+        {
+            name: ("output layer", None, None)
+            for name, _ in model.named_modules()
+            if name.startswith("output_layer") or name == ""
+        }
+    )
     stack = model.decoder
     places["decoder"] = ("the stack", None, None)
     for name, _ in stack.named_modules(prefix="decoder"):
@@ -184,8 +180,10 @@ def describe(location: dict) -> str:
     if location["phase"] is None:
         return location["where"]
     produced = "output" if location["phase"] == "forward" else "gradient"
-    return (f"{location['where']} (first non-finite {produced}: {location['module']} on rank "
-            f"{location['rank']})")  # fmt: skip
+    return (
+        f"{location['where']} (first non-finite {produced}: {location['module']} on rank "
+        f"{location['rank']})"
+    )
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Every check of a run config that needs neither a process group nor the data: run by
 `load_run_config`, so `attnres-train` refuses a bad config before it starts anything.
 
-Each rule is a constraint of this code or of megatron-core 0.19.2 (the comment or the message
-says which), and each message names the value, the constraint and what to set instead. The rules
-run in order: types, ranges, choices, then the relations between fields; last, the
+Per-field constraints (a minimum, a bound, an interval, a set of choices) live beside the fields
+in config/run.py as dataclass field metadata and are read from there; the rules that relate fields
+to each other live here, in one place. Each rule is a constraint of this code or of megatron-core
+0.19.2 (the comment or the message says which), and each message names the value, the constraint
+and what to set instead. The rules run in order: types, ranges (at-least, above, then intervals),
+choices, each over the fields in declaration order, then the relations between fields; last, the
 AttnResTransformerConfig and the pipeline pattern are built (cheap, no modules), so megatron.core's
 own checks and the depth-block cut rules run here too rather than after start-up.
 The batch split over data-parallel ranks needs the world size and is checked by the trainer.
@@ -14,43 +17,25 @@ import math
 import types
 import typing
 from dataclasses import fields
+from pathlib import Path
 
+from megatron_attnres.config.megatron import (
+    expert_tensor_parallel_size,
+    layer_pattern,
+    transformer_config,
+)
+from megatron_attnres.config.run import RunConfig
+from megatron_attnres.data.datasets import parse_blend, parse_split
+from megatron_attnres.mcore.config import experts_split_problem
+from megatron_attnres.mcore.kda import check_kda_tensor_parallel
 from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
-from megatron_attnres.training.data import parse_blend, parse_split
-from megatron_attnres.training.model_setup import layer_pattern, transformer_config
-from megatron_attnres.training.run_config import RunConfig
 
-# (field, minimum): sizes, counts and rates; None (where the field allows it) means "default" and
-# is not checked.
-AT_LEAST = [(name, 1) for name in (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "seq_length", "vocab_size", "make_vocab_size_divisible_by", "rotary_base",
-    "kv_lora_rank", "qk_head_dim", "v_head_dim", "q_lora_rank", "moe_ffn_hidden_size",
-    "moe_shared_expert_intermediate_size", "attn_res_block_layers",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size",
-    "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "micro_batch_size",
-    "global_batch_size", "train_iters", "lr_decay_iters", "lr_wsd_decay_iters",
-    "tokenizer_vocab_size", "save_interval", "eval_interval", "log_interval",
-    "diagnostics_interval", "exit_interval", "linear_num_key_heads", "linear_key_head_dim",
-    "linear_conv_kernel_dim",
-)] + [(name, 0) for name in (
-    "qk_pos_emb_head_dim", "num_experts", "moe_first_k_dense", "seed", "lr_warmup_iters",
-    "num_workers", "eval_iters", "lr", "min_lr", "weight_decay", "sgd_momentum", "clip_grad",
-    "moe_aux_loss_coeff", "moe_router_bias_update_rate",
-)]  # fmt: skip
-ABOVE_ZERO = ("norm_epsilon", "init_method_std", "adam_eps", "moe_router_topk_scaling_factor",
-              "exit_duration_in_mins", "peak_tflops")  # fmt: skip
-CHOICES = {
-    "position_embedding_type": ("rope", "none", "learned_absolute"),  # HybridModel's embeddings
-    "attn_res_mode": ("block", "full"),
-    "moe_router_score_function": ("softmax", "sigmoid", "sqrtsoftplus"),  # megatron.core router
-    "moe_token_dispatcher_type": ("allgather", "alltoall", "flex"),  # megatron.core MoELayer
-    "moe_router_dtype": (None, "fp32", "fp64"),
-    "optimizer": ("adam", "sgd", "muon"),
-    "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
-    "lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
-    "wandb_mode": ("offline", "online", "disabled"),
-}
+# The per-field constraints, from the metadata beside each field in run.py (declaration order).
+_FIELDS = fields(RunConfig)
+AT_LEAST = [(f.name, f.metadata["at_least"]) for f in _FIELDS if "at_least" in f.metadata]
+ABOVE = [(f.name, f.metadata["above"]) for f in _FIELDS if "above" in f.metadata]
+HALF_OPEN = [(f.name, f.metadata) for f in _FIELDS if "half_open" in f.metadata]
+CHOICES = {f.name: f.metadata for f in _FIELDS if "one_of" in f.metadata}
 _HINTS = typing.get_type_hints(RunConfig)
 _DEFAULTS = RunConfig()
 
@@ -67,6 +52,8 @@ def check_config(run: RunConfig) -> None:
     _check_schedule(run)
     _check_data_settings(run)
     _check_model(run)
+    check_checkpoint_options(run)
+    check_nan_policy(run)
 
 
 def _type_ok(value, kind) -> bool:
@@ -101,14 +88,15 @@ def _check_ranges(run) -> None:
         if value is not None and not value >= minimum:  # `not >=` also catches NaN
             default = ", or null for the default" if _optional(name) else ""
             raise ValueError(f"{name}={value} must be >= {minimum}; use {minimum} or more{default}")
-    for name in ABOVE_ZERO:
+    for name, bound in ABOVE:
         value = getattr(run, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"{name}={value} must be > 0; use a positive value")
-    for name in ("adam_beta1", "adam_beta2"):
-        value = getattr(run, name)
-        if not 0 <= value < 1:
-            raise ValueError(f"{name}={value} must be in [0, 1); use e.g. 0.9 or 0.95")
+        if value is not None and not value > bound:
+            fix = "use a positive value" if bound == 0 else f"use a value above {bound}"
+            raise ValueError(f"{name}={value} must be > {bound}; {fix}")
+    for name, meta in HALF_OPEN:
+        value, (low, high) = getattr(run, name), meta["half_open"]
+        if not low <= value < high:
+            raise ValueError(f"{name}={value} must be in [{low}, {high}); use {meta['hint']}")
 
 
 def _optional(name: str) -> bool:
@@ -116,13 +104,20 @@ def _optional(name: str) -> bool:
 
 
 def _check_choices(run) -> None:
-    for name, allowed in CHOICES.items():
-        value = getattr(run, name)
-        if value not in allowed:
-            names = ["null" if a is None else str(a) for a in allowed]
-            raise ValueError(
-                f"{name}={value!r} is not supported; use {', '.join(names[:-1])} or {names[-1]}"
-            )
+    for name in CHOICES:
+        _check_choice(name, getattr(run, name))
+
+
+def _check_choice(name: str, value) -> None:
+    allowed, fix = CHOICES[name]["one_of"], CHOICES[name]["fix"]
+    if value in allowed:
+        return
+    if fix:
+        raise ValueError(f"{name}={value!r}; use {fix}")
+    names = ["null" if a is None else str(a) for a in allowed]
+    raise ValueError(
+        f"{name}={value!r} is not supported; use {', '.join(names[:-1])} or {names[-1]}"
+    )
 
 
 def _check_attention(run) -> None:
@@ -194,18 +189,7 @@ def _check_kda(run) -> None:
         run.linear_key_head_dim,
         run.tensor_model_parallel_size,
     )
-    if heads % tp:
-        raise ValueError(
-            f"linear_num_key_heads={heads} is not divisible by tensor_model_parallel_size={tp} "
-            f"(each tensor-parallel rank holds whole KDA heads); use a TP size that divides "
-            f"{heads} or a multiple of {tp} KDA heads"
-        )
-    if dim % tp:
-        raise ValueError(
-            f"linear_key_head_dim={dim} is not divisible by tensor_model_parallel_size={tp} "
-            f"(mcore/kda.py splits the low-rank gates' width D, which is the head dim, over TP); "
-            f"use a TP size that divides {dim} or a head dim that is a multiple of {tp}"
-        )
+    check_kda_tensor_parallel(heads, dim, tp)
     if run.linear_key_head_dim > KDA_MAX_HEAD_DIM:
         raise ValueError(
             f"linear_key_head_dim={run.linear_key_head_dim} is above {KDA_MAX_HEAD_DIM}, the "
@@ -243,12 +227,9 @@ def _check_moe(run) -> None:
                 "set num_experts or use '-' (dense MLP) symbols"
             )
         return
-    if experts % ep:
-        raise ValueError(
-            f"num_experts={experts} is not divisible by expert_model_parallel_size={ep} (each "
-            f"expert-parallel rank holds the same number of experts); use an EP size dividing "
-            f"{experts}"
-        )
+    problem = experts_split_problem(experts, ep, name="num_experts")
+    if problem:
+        raise ValueError("; ".join(problem))
     if not 1 <= topk <= experts:
         raise ValueError(
             f"moe_router_topk={topk} must be between 1 and num_experts={experts}; route each "
@@ -274,7 +255,7 @@ def _check_moe(run) -> None:
             f"{run.num_layers}, or num_experts: null for a dense model"
         )
     tp = run.tensor_model_parallel_size
-    etp = 1 if ep > 1 else tp  # model_setup.transformer_config's expert tensor-parallel size
+    etp = expert_tensor_parallel_size(run)
     moe_ffn = run.moe_ffn_hidden_size or run.ffn_hidden_size
     _check_tp_divides("moe_ffn_hidden_size", moe_ffn, etp, "E" in pattern, "expert-TP")
     shared = run.moe_shared_expert_intermediate_size
@@ -282,8 +263,11 @@ def _check_moe(run) -> None:
 
 
 def _check_parallelism(run) -> None:
-    tp, pp, vpp = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
-                   run.virtual_pipeline_model_parallel_size)  # fmt: skip
+    tp, pp, vpp = (
+        run.tensor_model_parallel_size,
+        run.pipeline_model_parallel_size,
+        run.virtual_pipeline_model_parallel_size,
+    )
     if run.sequence_parallel and tp == 1:
         raise ValueError(
             "sequence_parallel=true with tensor_model_parallel_size=1: sequence parallelism "
@@ -311,11 +295,7 @@ def _check_parallelism(run) -> None:
 
 
 def _check_schedule(run) -> None:
-    if run.global_batch_size % run.micro_batch_size:
-        raise ValueError(
-            f"global_batch_size={run.global_batch_size} is not a multiple of micro_batch_size="
-            f"{run.micro_batch_size}; make it micro_batch_size x data-parallel size x k"
-        )
+    microbatches_per_step(run)
     if run.min_lr > run.lr:
         raise ValueError(
             f"min_lr={run.min_lr} is above lr={run.lr} (the schedule decays from lr down to "
@@ -363,3 +343,57 @@ def _check_model(run) -> None:
             f"megatron.core refused the model config: {err or type(err).__name__}; change the "
             "sizes it names (see configs/tiny.yaml for a consistent set)"
         ) from err
+
+
+def check_checkpoint_options(run) -> None:
+    """keep_last_checkpoints and finetune (train/checkpointing.py carries them out)."""
+    if run.keep_last_checkpoints is not None and run.keep_last_checkpoints < 1:
+        raise ValueError(
+            f"keep_last_checkpoints={run.keep_last_checkpoints} must be >= 1 (the checkpoint "
+            "just written is always kept); use null to keep every checkpoint"
+        )
+    if run.finetune and not run.load:
+        raise ValueError(
+            "finetune=true needs load: the checkpoint directory whose model weights to start "
+            "from (set load, or drop finetune)"
+        )
+    save = Path(run.save or Path(run.run_dir) / "checkpoints")
+    if run.finetune and Path(run.load).resolve() == save.resolve():
+        raise ValueError(
+            f"finetune=true with load = save = {save}: every restart would load the run's own "
+            "latest weights and reset it to step 0; save the fine-tuning run elsewhere"
+        )
+
+
+NAN_POLICIES = CHOICES["nan_policy"]["one_of"]
+
+
+def check_nan_policy(run) -> None:
+    """nan_policy and max_skipped_steps (train/nonfinite.py carries them out)."""
+    _check_choice("nan_policy", run.nan_policy)
+    if run.max_skipped_steps < 0:
+        raise ValueError(
+            f"max_skipped_steps={run.max_skipped_steps} must be >= 0 (0 stops at the first "
+            "non-finite step, like nan_policy=stop)"
+        )
+
+
+def microbatches_per_step(run, data_parallel_size: int | None = None) -> int:
+    """Micro-batches each rank runs per step: global_batch_size / (micro_batch_size x DP). The
+    one batch-split rule: checked at load time without the DP size (the world size is not known
+    yet), then by the trainer and the planners with it."""
+    if data_parallel_size is None:
+        if run.global_batch_size % run.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size={run.global_batch_size} is not a multiple of micro_batch_size="
+                f"{run.micro_batch_size}; make it micro_batch_size x data-parallel size x k"
+            )
+        return run.global_batch_size // run.micro_batch_size
+    per_step = run.micro_batch_size * data_parallel_size
+    if run.global_batch_size % per_step:
+        raise ValueError(
+            f"global_batch_size={run.global_batch_size} is not divisible by micro_batch_size x "
+            f"data-parallel size = {run.micro_batch_size} x {data_parallel_size}; use a multiple "
+            f"of {per_step}"
+        )
+    return run.global_batch_size // per_step

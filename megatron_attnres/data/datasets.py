@@ -175,8 +175,9 @@ def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
         )
 
 
-def _check_split_has_tokens(info: IndexInfo, split: str, split_matrix: list,
-                            seq_length: int | None = None) -> None:  # fmt: skip
+def _check_split_has_tokens(
+    info: IndexInfo, split: str, split_matrix: list, seq_length: int | None = None
+) -> None:
     # megatron.core's GPTDataset loops forever on a split without tokens: refuse it here, cutting
     # the documents with the same bookends and rounding as BlendedMegatronDatasetBuilder. With
     # fewer tokens than one sample it would fill every sample with the same text, repeated.
@@ -200,8 +201,9 @@ def _check_split_has_tokens(info: IndexInfo, split: str, split_matrix: list,
             )
 
 
-def _check_token_ids(info: IndexInfo, vocab_size: int, documents: int = 64,
-                     tokens_per_document: int = 1 << 16) -> None:  # fmt: skip
+def _check_token_ids(
+    info: IndexInfo, vocab_size: int, documents: int = 64, tokens_per_document: int = 1 << 16
+) -> None:
     """Token ids of up to `documents` evenly spaced documents (a cheap sample) fit the tokenizer:
     larger ids mean the data was made with another tokenizer (and would index past the
     embedding when the model's vocabulary is the tokenizer's)."""
@@ -225,8 +227,9 @@ def _check_token_ids(info: IndexInfo, vocab_size: int, documents: int = 64,
             )
 
 
-def check_data(blend: str | Sequence[str], tokenizer, *, model_vocab_size: int, seq_length: int,
-               split: str) -> list[IndexInfo]:  # fmt: skip
+def check_data(
+    blend: str | Sequence[str], tokenizer, *, model_vocab_size: int, seq_length: int, split: str
+) -> list[IndexInfo]:
     """Every check of the data inputs, before anything is built (cheap: headers, sizes and a
     sample of token ids): the blend and split strings, the tokenizer against the model's vocab,
     and for each prefix its files, its dtype, every split having at least one sample's tokens
@@ -291,8 +294,13 @@ def build_gpt_datasets(
     return train, valid
 
 
-def pretraining_sampler(total_samples: int, consumed_samples: int, micro_batch_size: int,
-                        data_parallel_rank: int = 0, data_parallel_size: int = 1):  # fmt: skip
+def pretraining_sampler(
+    total_samples: int,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int = 0,
+    data_parallel_size: int = 1,
+):
     """Megatron-LM's MegatronPretrainingSampler (micro-batches of sample indices in order: global
     sample i of the remaining run is `consumed_samples + i`, each step cut into one contiguous
     micro-batch per data-parallel rank), after checking its arguments with clear messages."""
@@ -309,8 +317,9 @@ def pretraining_sampler(total_samples: int, consumed_samples: int, micro_batch_s
             f"consumed_samples={consumed_samples} is outside the dataset's {total_samples} "
             "samples; build the datasets with train_samples covering the whole run"
         )
-    return MegatronPretrainingSampler(total_samples, consumed_samples, micro_batch_size,
-                                      data_parallel_rank, data_parallel_size)  # fmt: skip
+    return MegatronPretrainingSampler(
+        total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
 
 
 def micro_batches(

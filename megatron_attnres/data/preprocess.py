@@ -24,7 +24,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from megatron_attnres.data import builtin_corpus_path
-from megatron_attnres.training.tokenizer import (
+from megatron_attnres.data.tokenizer import (
     TXT_SPLITS,
     load_tokenizer,
     open_documents,

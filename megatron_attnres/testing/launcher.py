@@ -25,8 +25,13 @@ def _free_port() -> int:
 
 
 def _worker(rank, world_size, port, out_dir, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -39,5 +44,6 @@ def _worker(rank, world_size, port, out_dir, fn, args):
 def run_distributed(fn, world_size: int, args: tuple = ()) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size)
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False)
-                for r in range(world_size)]  # fmt: skip
+        return [
+            torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+        ]

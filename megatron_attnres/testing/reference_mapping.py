@@ -13,16 +13,7 @@ import torch
 from megatron_attnres.attnres.reference import ReferenceConfig
 from megatron_attnres.mcore.config import ARCHITECTURE, UNFUSED_KERNELS, AttnResTransformerConfig
 from megatron_attnres.mcore.model import hybrid_pattern
-
-
-def fuse_qkv(wq, wk, wv, heads: int, groups: int) -> torch.Tensor:
-    d = wk.shape[0] // groups
-    per_group = heads // groups
-    blocks = []
-    for g in range(groups):
-        blocks += [wq[g * per_group * d : (g + 1) * per_group * d], wk[g * d : (g + 1) * d],
-                   wv[g * d : (g + 1) * d]]  # fmt: skip
-    return torch.cat(blocks, dim=0)
+from megatron_attnres.mcore.weight_layout import fuse_qkv
 
 
 def _swiglu(ref, src: str, dst: str, out: dict) -> None:
@@ -33,8 +24,10 @@ def _swiglu(ref, src: str, dst: str, out: dict) -> None:
 def reference_to_megatron(ref: dict, cfg: ReferenceConfig) -> dict:
     """Map a reference state dict (or a dict of its gradients) to HybridModel names."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
-    out = {"embedding.word_embeddings.weight": ref["embedding.weight"],
-           "decoder.final_norm.weight": ref["final_norm.weight"]}  # fmt: skip
+    out = {
+        "embedding.word_embeddings.weight": ref["embedding.weight"],
+        "decoder.final_norm.weight": ref["final_norm.weight"],
+    }
     if "output_layer.weight" in ref:
         out["output_layer.weight"] = ref["output_layer.weight"]
     for j in range(2 * cfg.num_layers):
@@ -42,9 +35,12 @@ def reference_to_megatron(ref: dict, cfg: ReferenceConfig) -> dict:
         if j % 2 == 0:
             out[dst + "input_layernorm.weight"] = ref[src + "norm.weight"]
             out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(
-                ref[src + "fn.wq.weight"], ref[src + "fn.wk.weight"], ref[src + "fn.wv.weight"],
-                cfg.num_attention_heads, groups,
-            )  # fmt: skip
+                ref[src + "fn.wq.weight"],
+                ref[src + "fn.wk.weight"],
+                ref[src + "fn.wv.weight"],
+                cfg.num_attention_heads,
+                groups,
+            )
             out[dst + "self_attention.linear_proj.weight"] = ref[src + "fn.wo.weight"]
         else:
             out[dst + "pre_mlp_layernorm.weight"] = ref[src + "norm.weight"]

@@ -21,44 +21,27 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_attnres.mcore.compat import (
-    activate_cpu_compat,
-    cpu_compat_needed,
-    model_parallel_manual_seed,
-)
-from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
-from megatron_attnres.training import checkpointing as ckpt
-from megatron_attnres.training import faults, nonfinite
-from megatron_attnres.training.data import build_gpt_datasets, check_data, micro_batches
-from megatron_attnres.training.diagnostics import ModelDiagnostics, gather_diagnostics
-from megatron_attnres.training.distributed import init_distributed
-from megatron_attnres.training.engine import (
+from megatron_attnres.checkpoint.format import CONFIG
+from megatron_attnres.config.flops import flops_per_token
+from megatron_attnres.config.load import as_dict, dump, load_run_config, parse_overrides
+from megatron_attnres.config.megatron import padded_vocab_size
+from megatron_attnres.config.rules import microbatches_per_step
+from megatron_attnres.config.run import RunConfig
+from megatron_attnres.data.datasets import build_gpt_datasets, check_data, micro_batches
+from megatron_attnres.mcore.compat import activate_cpu_compat, cpu_compat_needed
+from megatron_attnres.train import checkpointing as ckpt
+from megatron_attnres.train import faults, nonfinite
+from megatron_attnres.train.build import build_run, initialize_parallel
+from megatron_attnres.train.diagnostics import ModelDiagnostics, gather_diagnostics
+from megatron_attnres.train.distributed import init_distributed
+from megatron_attnres.train.engine import (
     check_interleaved_microbatches,
     forward_backward,
     train_step,
-    wrap_ddp,
 )
-from megatron_attnres.training.layout import dry_run_layout, format_layout
-from megatron_attnres.training.metrics import (
-    MetricsLog,
-    ProgressLine,
-    flops_per_token,
-    unigram_entropy,
-)
-from megatron_attnres.training.model_setup import (
-    layer_pattern,
-    optimizer_and_scheduler,
-    padded_vocab_size,
-    transformer_config,
-)
-from megatron_attnres.training.run_config import (
-    RunConfig,
-    as_dict,
-    dump,
-    load_run_config,
-    parse_overrides,
-)
-from megatron_attnres.training.stopping import StopRequest, should_stop
+from megatron_attnres.train.layout import dry_run_layout, format_layout
+from megatron_attnres.train.metrics import MetricsLog, ProgressLine, unigram_entropy
+from megatron_attnres.train.stopping import StopRequest, should_stop
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
@@ -82,15 +65,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     )  # set by the DeepSpeed launcher; LOCAL_RANK wins
     args, rest = parser.parse_known_args(argv)
     run = load_run_config(args.config, parse_overrides(rest))
-    ckpt.check_checkpoint_options(run)
-    nonfinite.check_nan_policy(run)
     return args, run
 
 
 def _prepare_data(run: RunConfig) -> tuple[list[str], str]:
     """(blend, tokenizer model): the built-in corpus is tokenised and preprocessed on rank 0."""
     if run.data_path == ["builtin"]:
-        from megatron_attnres.training.preprocess import prepare_builtin_data
+        from megatron_attnres.data.preprocess import prepare_builtin_data
 
         out = Path(run.run_dir) / "data"
         if dist.get_rank() == 0:
@@ -108,16 +89,6 @@ def _prepare_data(run: RunConfig) -> tuple[list[str], str]:
     return run.data_path, run.tokenizer_model
 
 
-def _check_batch(run: RunConfig, dp: int) -> int:
-    per_step = run.micro_batch_size * dp
-    if run.global_batch_size % per_step:
-        raise ValueError(
-            f"global_batch_size={run.global_batch_size} is not divisible by micro_batch_size x "
-            f"data-parallel size = {run.micro_batch_size} x {dp}; use a multiple of {per_step}"
-        )
-    return run.global_batch_size // per_step
-
-
 def _take(iterator, count: int) -> list[dict]:
     batch = []
     for _ in range(count):
@@ -130,45 +101,32 @@ class Trainer:
     def __init__(self, run: RunConfig):
         self.run = run
         self.rank0 = dist.get_rank() == 0
-        ps.initialize_model_parallel(
-            run.tensor_model_parallel_size,
-            run.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=run.expert_model_parallel_size,
-            expert_tensor_parallel_size=1
-            if run.expert_model_parallel_size > 1
-            else run.tensor_model_parallel_size,
-        )
-        model_parallel_manual_seed(run.seed)
+        initialize_parallel(run)
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.num_micro = _check_batch(run, self.dp)
+        self.num_micro = microbatches_per_step(run, self.dp)
         blend, tokenizer_path = _prepare_data(run)
-        from megatron_attnres.training.tokenizer import load_tokenizer
+        from megatron_attnres.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.vocab = padded_vocab_size(run, self.tokenizer.vocab_size)
         # Every rank checks the files (the same answer everywhere, so all of them exit with it).
-        check_data(blend, self.tokenizer, model_vocab_size=self.vocab, seq_length=run.seq_length,
-                   split=run.split)  # fmt: skip
-        self.config = transformer_config(run)
-        self.pattern = pipeline_pattern(self.config, layer_pattern(run))
-        chunks = build_model_chunks(
-            self.config,
-            self.pattern,
-            self.vocab,
-            run.seq_length,
-            position_embedding_type=None
-            if run.multi_latent_attention
-            else run.position_embedding_type,
-            rotary_base=run.rotary_base,
-            share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
+        check_data(
+            blend,
+            self.tokenizer,
+            model_vocab_size=self.vocab,
+            seq_length=run.seq_length,
+            split=run.split,
         )
-        interleaved_attnres = (
-            len(chunks) > 1 and self.config.depth_block_schedule().uses_depth_reads
+        built = build_run(run, self.vocab)
+        self.config, self.pattern, self.chunks = built.config, built.pattern, built.chunks
+        self.optimizer, self.scheduler, self.signature = (
+            built.optimizer,
+            built.scheduler,
+            built.signature,
         )
+        schedule = self.config.depth_block_schedule()
+        interleaved_attnres = len(self.chunks) > 1 and schedule.uses_depth_reads
         check_interleaved_microbatches(self.num_micro, interleaved_attnres)
-        self.chunks = wrap_ddp(chunks, use_distributed_optimizer=run.use_distributed_optimizer)
-        self.optimizer, self.scheduler = optimizer_and_scheduler(run, self.chunks)
         self.train_data, self.valid_data = build_gpt_datasets(
             blend,
             self.tokenizer,
@@ -183,15 +141,11 @@ class Trainer:
         self.save_dir = Path(run.save or Path(run.run_dir) / "checkpoints")
         if self.rank0:  # the resolved config beside the checkpoints as well as in the run dir
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            (self.save_dir / "config.yaml").write_text(dump(run))
-        tied = not run.untie_embeddings_and_output_weights
-        self.signature = ckpt.model_signature(self.config, self.pattern, self.vocab, tied)
+            (self.save_dir / CONFIG).write_text(dump(run))
         self.on_disk = None  # the iteration whose checkpoint in save_dir this process matches
         self.progress = self._resume()
         faults.install(self.chunks)  # test-only hooks; inert unless ATTNRES_FAULT* is set
-        schedule = self.config.depth_block_schedule()
-        reads = [schedule.sources(i).num_sources for i in range(1, schedule.num_sublayers + 1)]
-        reads = [*reads, schedule.num_final_sources()] if schedule.uses_depth_reads else []
+        reads = schedule.read_source_counts()
         self.flops = flops_per_token(run, self.vocab, self.pattern, reads)
         self.diagnostics = ModelDiagnostics(self.chunks)
 
@@ -200,8 +154,9 @@ class Trainer:
             print(text, flush=True)
 
     def _resume(self) -> ckpt.Progress:
-        loaded, notes = ckpt.resume(self.run, self.save_dir, self.chunks, self.optimizer,
-                                    self.scheduler, self.signature)  # fmt: skip
+        loaded, notes = ckpt.resume(
+            self.run, self.save_dir, self.chunks, self.optimizer, self.scheduler, self.signature
+        )
         for note in notes + ([loaded.summary()] if loaded else []):
             self._print(note)
         if loaded is None:
@@ -235,9 +190,14 @@ class Trainer:
         if self.progress.iteration == self.on_disk:
             return  # just resumed from it, or saved at this step before a stop
         path = ckpt.save_checkpoint(
-            self.save_dir, self.chunks, self.optimizer, self.scheduler, self.progress,
-            signature=self.signature, keep_last=self.run.keep_last_checkpoints,
-        )  # fmt: skip
+            self.save_dir,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            self.progress,
+            signature=self.signature,
+            keep_last=self.run.keep_last_checkpoints,
+        )
         self.on_disk = self.progress.iteration
         self._print(f"saved checkpoint {path}")
 
@@ -394,7 +354,7 @@ def _dry_run(args, run: RunConfig) -> int:
 
 
 def _plot(run_dir: str) -> None:
-    from megatron_attnres.training.plot import write_plots
+    from megatron_attnres.train.plots import write_plots
 
     for path in write_plots(run_dir):
         print(f"wrote {path}", flush=True)
