@@ -15,10 +15,19 @@ class DepthAttention(nn.Module):
     With w = 0 every read starts as the equal-weight average of its sources. `lean=False` selects
     the plain autograd implementation (useful as an oracle and for debugging). `read_fn` replaces
     the lean read with another implementation of the same signature (the model passes
-    `megatron_attnres.kernels.depth_read_auto`: the fused Triton kernel on GPU).
+    `megatron_attnres.kernels.depth_read_auto`: the fused Triton kernel on GPU). `dtype` is the
+    parameters' storage dtype (a bf16 model stores them in bf16 like its norm gains, with fp32
+    main copies in the optimizer); the read itself always computes in fp32.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, lean: bool = True, read_fn=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        lean: bool = True,
+        read_fn=None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
@@ -26,8 +35,8 @@ class DepthAttention(nn.Module):
         self.eps = float(eps)
         self.lean = lean
         self.read_fn = read_fn if read_fn is not None else depth_read
-        self.pseudo_query = nn.Parameter(torch.empty(hidden_size))
-        self.key_norm_weight = nn.Parameter(torch.empty(hidden_size))
+        self.pseudo_query = nn.Parameter(torch.empty(hidden_size, dtype=dtype))
+        self.key_norm_weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -48,6 +48,7 @@ SIGNATURE_FIELDS = (
     "v_head_dim",
     "qk_layernorm",
     "mla_use_nope",
+    "mla_latent_norm_epsilon",
     "linear_num_key_heads",
     "linear_key_head_dim",
     "linear_conv_kernel_dim",

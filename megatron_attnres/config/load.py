@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_attnres.config.host import resolve_implementation
 from megatron_attnres.config.rules import check_config
 from megatron_attnres.config.run import RunConfig
 
@@ -91,7 +92,7 @@ def load_run_config(path: str | Path | None, overrides: dict | None = None) -> R
             raise ValueError(f"config file {path} must be a YAML mapping of key: value")
         values = {_key(k): _convert(_key(k), v) for k, v in loaded.items()}
     values.update(overrides or {})
-    run = RunConfig(**values)
+    run = resolve_implementation(RunConfig(**values))  # null GPU choices -> this host's
     check_run_config(run)
     return run
 

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from megatron_attnres.config.host import resolve_implementation
 from megatron_attnres.config.run import RunConfig
 from megatron_attnres.mcore.config import (
     ARCHITECTURE,
@@ -45,6 +46,7 @@ def layer_pattern(run: RunConfig) -> str:
 def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
     """The AttnResTransformerConfig of the run. Local (non-TransformerEngine) modules: every
     fused-kernel switch that needs TE/apex is off."""
+    run = resolve_implementation(run)  # a RunConfig built directly may leave them null
     pattern = layer_pattern(run).replace("|", "")
     on_gpu = torch.cuda.is_available()
     fields = dict(
@@ -68,7 +70,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         moe_aux_loss_coeff=run.moe_aux_loss_coeff,
         moe_token_dispatcher_type=run.moe_token_dispatcher_type,
         moe_router_dtype=run.moe_router_dtype,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=run.moe_grouped_gemm,
         layernorm_epsilon=run.norm_epsilon,
         init_method_std=run.init_method_std,
         use_cpu_initialization=not on_gpu,
@@ -81,7 +83,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
         expert_model_parallel_size=run.expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size(run),
         sequence_parallel=run.sequence_parallel,
-        batch_p2p_comm=False,  # interleaved + batched p2p gives wrong results on gloo
+        batch_p2p_comm=run.batch_p2p_comm,  # refused where wrong (check_host_support)
         **ARCHITECTURE,
         **UNFUSED_KERNELS,
         enable_attention_residuals=run.enable_attention_residuals,
@@ -106,6 +108,7 @@ def transformer_config(run: RunConfig) -> AttnResTransformerConfig:
             rope_type="rope",
             rotary_base=run.rotary_base,
             mla_use_nope=run.mla_use_nope,
+            mla_latent_norm_epsilon=run.mla_latent_norm_epsilon,
         )
         return AttnResMLATransformerConfig(**fields)
     return AttnResTransformerConfig(**fields)

@@ -28,7 +28,8 @@ from megatron_attnres.config.run import RunConfig
 from megatron_attnres.data.datasets import parse_blend, parse_split
 from megatron_attnres.mcore.config import experts_split_problem
 from megatron_attnres.mcore.kda import check_kda_tensor_parallel
-from megatron_attnres.mcore.model import check_pattern, pipeline_pattern
+from megatron_attnres.mcore.model import check_pattern, pipeline_pattern, qk_layernorm_problem
+from megatron_attnres.mcore.pipeline import batched_p2p_problem
 
 # The per-field constraints, from the metadata beside each field in run.py (declaration order).
 _FIELDS = fields(RunConfig)
@@ -54,6 +55,7 @@ def check_config(run: RunConfig) -> None:
     _check_model(run)
     check_checkpoint_options(run)
     check_nan_policy(run)
+    check_implementation(run)
 
 
 def _type_ok(value, kind) -> bool:
@@ -152,12 +154,9 @@ def _check_attention(run) -> None:
             "num_query_groups or the TP size"
         )
     pattern = layer_pattern(run)
-    if run.qk_layernorm and "*" in pattern:
-        raise ValueError(
-            f"qk_layernorm=true with standard attention ('*') layers in {pattern!r}: QK norms "
-            "are wired for MLA latents only (the setting would be ignored); set "
-            "multi_latent_attention: true or qk_layernorm: false"
-        )
+    problem = qk_layernorm_problem(pattern, run.qk_layernorm)
+    if problem:
+        raise ValueError(problem)
     vocab = run.vocab_size
     if vocab is not None and vocab % tp:
         raise ValueError(
@@ -397,3 +396,35 @@ def microbatches_per_step(run, data_parallel_size: int | None = None) -> int:
             f"of {per_step}"
         )
     return run.global_batch_size // per_step
+
+
+def check_implementation(run) -> None:
+    """The GPU implementation keys among themselves (host-independent, checked at load)."""
+    if run.overlap_param_gather and not run.use_distributed_optimizer:
+        raise ValueError(
+            "overlap_param_gather=true without use_distributed_optimizer: only the distributed "
+            "optimizer gathers parameters; set use_distributed_optimizer: true or "
+            "overlap_param_gather: false"
+        )
+    if run.moe_grouped_gemm and run.transformer_impl != "transformer_engine":
+        raise ValueError(
+            f"moe_grouped_gemm=true with transformer_impl={run.transformer_impl!r}: the grouped "
+            "GEMM is TransformerEngine's; set transformer_impl: transformer_engine (on a GPU "
+            "host with TE) or moe_grouped_gemm: false"
+        )
+
+
+def check_host_support(run, host) -> None:
+    """What this host must offer for the run's implementation keys; checked when a run is built
+    (train/build.py), not at load, so that a config written on a GPU cluster still loads on a
+    laptop for conversion or sizing."""
+    if run.transformer_impl == "transformer_engine" and not (host.cuda and host.transformer_engine):
+        raise ValueError(
+            f"transformer_impl=transformer_engine on a host with {host.describe()}: "
+            "TransformerEngine's modules need both; install transformer-engine on a CUDA host, "
+            "or set transformer_impl: local (or null to choose by host)"
+        )
+    interleaved = (run.virtual_pipeline_model_parallel_size or 1) > 1
+    problem = batched_p2p_problem(bool(run.batch_p2p_comm), interleaved, host.backend)
+    if problem:
+        raise ValueError(problem)

@@ -98,6 +98,9 @@ class RunConfig:
     mla_use_nope: bool = False
     """Kimi Linear: keep the qk_pos_emb_head_dim channels but never rotate them (MLA without RoPE);
     this trainer's."""
+    mla_latent_norm_epsilon: float = field(default=1e-6, metadata=above(0))
+    """Epsilon of the MLA latent RMS norms (Kimi Linear's q_a/kv_a_layernorm, hard-coded 1e-6
+    there; norm_epsilon is every other norm's); this trainer's."""
     # -- KDA, Kimi Delta Attention: the 'G' pattern symbol (Megatron-LM's linear-attention names)
     linear_num_key_heads: int = field(default=4, metadata=at_least(1))
     """KDA heads (queries, keys and values have the same count). Megatron-LM:
@@ -176,6 +179,28 @@ class RunConfig:
     use_distributed_optimizer: bool = False
     """Shard the optimizer state over data-parallel ranks (ZeRO-1).
     Megatron-LM: --use-distributed-optimizer."""
+    # -- GPU implementation choices; null: what suits this host (config/host.py), resolved when
+    #    the config is loaded, so the printed and saved config shows the choice
+    transformer_impl: str | None = field(
+        default=None, metadata=one_of(None, "local", "transformer_engine")
+    )
+    """Layer implementations: transformer_engine (TransformerEngine's fused modules, GPUs with TE)
+    or local (megatron-core's own modules with SDPA attention, any device); null: TE where CUDA
+    and TE are present. Megatron-LM: --transformer-impl."""
+    moe_grouped_gemm: bool | None = None
+    """Run a rank's experts as one grouped GEMM (TransformerEngine's) instead of one GEMM per
+    expert; null: on with the TE spec. Megatron-LM: --moe-grouped-gemm."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap the data-parallel gradient reduce with the backward pass; null: on with CUDA.
+    Megatron-LM: --overlap-grad-reduce."""
+    overlap_param_gather: bool | None = None
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass (needs
+    use_distributed_optimizer); null: on with CUDA and the distributed optimizer.
+    Megatron-LM: --overlap-param-gather."""
+    batch_p2p_comm: bool | None = None
+    """Batch the pipeline's p2p sends and receives into one call; null: on with CUDA (NCCL), off
+    on gloo, where it is refused with interleaving (wrong gradients, no error).
+    Megatron-LM: batch_p2p_comm (megatron-core's default True)."""
     # -- batch and schedule
     micro_batch_size: int = field(default=4, metadata=at_least(1))
     """Samples per micro-batch on each rank. Megatron-LM: --micro-batch-size."""

@@ -31,6 +31,9 @@ CHANGES = (
     "Stream() and synchronize() are CPU no-ops",
     "megatron.core.optimizer.optimizer clips gradients with clip_grad_by_total_norm_cpu (the same "
     "arithmetic as Megatron's clip_grad_by_total_norm_fp32, whose fused path asserts CUDA tensors)",
+    "Float16OptimizerWithFloat16Params (bf16/fp16 training with fp32 main params) sorts its "
+    "parameters by Tensor.type() strings that only name CUDA tensors; while it is constructed, "
+    "Tensor.type() of a CPU tensor answers the CUDA name of the same dtype",
 )
 
 # Modules that create tensors with a literal device="cuda" at call sites we go through.
@@ -164,6 +167,31 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
         torch._foreach_mul_([g.detach() for g in grads], clip_coeff)
 
 
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Tensor.type() (no arguments) of CPU tensors answers 'torch.cuda.<Dtype>Tensor'."""
+    real_type = torch.Tensor.type
+
+    def cuda_named(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return real_type(self).replace("torch.", "torch.cuda.", 1)
+        return real_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = cuda_named
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real_type
+
+
+def _with_cuda_type_names(init):
+    def wrapped(self, *args, **kwargs):
+        with _cuda_type_names():
+            init(self, *args, **kwargs)
+
+    return wrapped
+
+
 def activate_cpu_compat() -> tuple[str, ...]:
     """Apply the CPU accommodations if this host has no CUDA; returns what was changed."""
     if not cpu_compat_needed():
@@ -177,6 +205,9 @@ def activate_cpu_compat() -> tuple[str, ...]:
         module.torch = _CPUDeviceTorch()
     _ORIGINALS["clip_grad_by_total_norm_fp32"] = optimizer_module.clip_grad_by_total_norm_fp32
     optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    float16 = optimizer_module.Float16OptimizerWithFloat16Params
+    _ORIGINALS["Float16OptimizerWithFloat16Params.__init__"] = float16.__init__
+    float16.__init__ = _with_cuda_type_names(float16.__init__)
     _ORIGINALS["current_device"] = torch.cuda.current_device
     _ORIGINALS["initialize_rng_tracker"] = mcore_random.initialize_rng_tracker
     _ORIGINALS["model_parallel_cuda_manual_seed"] = mcore_random.model_parallel_cuda_manual_seed

@@ -88,6 +88,10 @@ class AttnResMLATransformerConfig(AttnResTransformerConfig, MLATransformerConfig
     mla_use_nope: bool = False
     """Keep the qk_pos_emb_head_dim channels of q and k but never rotate them (Kimi Linear)."""
 
+    mla_latent_norm_epsilon: float = 1e-6
+    """Epsilon of the latent norms (kv_layernorm, q_layernorm) instead of layernorm_epsilon: Kimi
+    Linear (like DeepSeek-V3) builds q_a/kv_a_layernorm with its RMSNorm's default 1e-6."""
+
 
 def experts_split_problem(experts: int, ep: int, name: str = "num_moe_experts"):
     """(what is wrong, the fix) when the expert-parallel size does not divide the experts (each

@@ -7,6 +7,9 @@ projection reads the layer's pre-normed input directly. Megatron-Core 0.19.2's r
 (a TransformerEngine LayerNormLinear), which the published checkpoints do not have, and it has no
 local (non-TE) path at all. This subclass only changes which classes are built; the spec names
 them (`kv_layernorm` / `q_layernorm` norms and plain linears), for local and TE specs alike.
+Megatron builds those latent norms with `layernorm_epsilon`; Kimi Linear (and DeepSeek-V3) build
+them with their RMSNorm's default 1e-6 whatever rms_norm_eps is, so they get
+`mla_latent_norm_epsilon` here and every other norm keeps `layernorm_epsilon`.
 
 Tensor parallelism with the local (column-parallel) KV down projection: megatron-core 0.19.2
 gathers its output and splits off k_pos_emb, which every rank then shares among its own heads,
@@ -47,6 +50,15 @@ class NoRotation(nn.Module):
         return torch.zeros(max_seq_len, 1, 1, 0, device=device)
 
 
+def with_eps(norm, eps: float):
+    """The norm builder `norm` with its eps fixed to `eps`, whatever eps the caller passes."""
+
+    def build(*args, **kwargs):
+        return norm(*args, **{**kwargs, "eps": eps})
+
+    return build
+
+
 class AttnResMLASelfAttention(MLASelfAttention):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -76,10 +88,11 @@ class AttnResMLASelfAttention(MLASelfAttention):
             raise ValueError("qk_l2_norm is not supported with MLA; use qk_layernorm")
         norms = bool(self.config.qk_layernorm)
         q_lora = self.config.q_lora_rank is not None
+        eps = self.config.mla_latent_norm_epsilon
         return dict(
             linear_q_proj=IdentityOp if q_lora else submodules.linear_q_proj,
             linear_q_up_proj=submodules.linear_q_up_proj if q_lora else IdentityOp,
             linear_kv_up_proj=submodules.linear_kv_up_proj,
-            q_layernorm=submodules.q_layernorm if norms and q_lora else IdentityOp,
-            kv_layernorm=submodules.kv_layernorm if norms else IdentityOp,
+            q_layernorm=with_eps(submodules.q_layernorm, eps) if norms and q_lora else IdentityOp,
+            kv_layernorm=with_eps(submodules.kv_layernorm, eps) if norms else IdentityOp,
         )

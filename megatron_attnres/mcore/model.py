@@ -36,6 +36,18 @@ def pipeline_pattern(config: AttnResTransformerConfig, pattern: str) -> str:
     return insert_cuts(pattern, balanced_cuts(config.depth_block_schedule(), segments))
 
 
+def qk_layernorm_problem(pattern: str, qk_layernorm: bool) -> str | None:
+    """Why qk_layernorm cannot apply to `pattern` (its QK norms are wired for MLA latents only),
+    or None. The one definition of this rule: the pattern check and the run-config checks."""
+    if qk_layernorm and "*" in pattern:
+        return (
+            f"qk_layernorm=true with standard attention ('*') layers in {pattern!r}: QK norms "
+            "are wired for MLA latents only (the setting would be ignored); set "
+            "multi_latent_attention: true or qk_layernorm: false"
+        )
+    return None
+
+
 def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
     symbols = pattern.replace("|", "")
     if config.pipeline_model_parallel_size > 1 or "|" in pattern:
@@ -57,11 +69,9 @@ def check_pattern(config: AttnResTransformerConfig, pattern: str) -> None:
             f"hybrid pattern {pattern!r} has MLA ('+') layers but the config is a "
             f"{type(config).__name__}; use AttnResMLATransformerConfig (it adds the MLA fields)"
         )
-    if "*" in symbols and config.qk_layernorm:
-        raise ValueError(
-            f"hybrid pattern {pattern!r} has standard attention ('*') with qk_layernorm=True; "
-            "QK norms are wired for MLA latents only: use '+' (MLA) or qk_layernorm=False"
-        )
+    problem = qk_layernorm_problem(pattern, config.qk_layernorm)
+    if problem:
+        raise ValueError(problem)
     if "E" in symbols and not config.num_moe_experts:
         raise ValueError(f"hybrid pattern {pattern!r} has MoE layers but num_moe_experts is unset")
 

@@ -76,6 +76,20 @@ def check_cuts(pattern: str, schedule: DepthBlockSchedule, num_segments: int) ->
             )
 
 
+def batched_p2p_problem(batch_p2p_comm: bool, interleaved: bool, backend: str) -> str | None:
+    """Why batched p2p cannot be used, or None. Measured on megatron-core 0.19.2 over gloo
+    (docs/architecture.md section 4): batched p2p with an interleaved pipeline gives wrong losses
+    and gradients without any error; NCCL is not affected. The one definition of this rule (the
+    engine and the run-config host check both ask here)."""
+    if batch_p2p_comm and interleaved and backend == "gloo":
+        return (
+            "batch_p2p_comm=true with an interleaved pipeline (virtual_pipeline_model_parallel_"
+            "size > 1) over gloo gives wrong gradients silently; set batch_p2p_comm: false "
+            "(NCCL is not affected)"
+        )
+    return None
+
+
 def chunk_first_layers(pattern: str) -> list[int]:
     """1-based first sublayer of every '|'-separated segment (pipeline chunk) of `pattern`."""
     firsts, done = [], 0

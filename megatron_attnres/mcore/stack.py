@@ -18,6 +18,7 @@ summaries packed into one tensor and sends on its completed summaries the same w
 
 from functools import partial as partial_fn
 
+import torch
 from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.utils import WrappedTensor, make_viewless_tensor
@@ -56,7 +57,7 @@ class AttnResHybridStack(HybridStack):
             # One read per local sublayer (indexed like self.layers) and the output read; child
             # modules so that sharded_state_dict (which walks children) checkpoints them. Reads
             # run the fused Triton kernel on GPU (ATTNRES_DEPTH_READ=auto|torch|triton, kernels/).
-            read = partial_fn(DepthAttention, read_fn=depth_read_auto)
+            read = partial_fn(DepthAttention, read_fn=depth_read_auto, dtype=config.params_dtype)
             self.depth_reads = nn.ModuleList(read(hidden, eps) for _ in self.layers)
             self.output_read = read(hidden, eps) if self.post_process else None
             # Read-result recomputation scoped to each layer's pre-norm (read_recompute.py).
@@ -197,6 +198,8 @@ class AttnResHybridStack(HybridStack):
         (read_recompute.py), unless attn_res_recompute_read is off or the read is the identity.
         With a `scope` only the sublayer's pre-norm saves under the recomputation hooks."""
         x = read(sources)
+        if len(sources) == 1 and torch.is_grad_enabled():
+            x = _ZeroGradients.apply(x, *read.parameters())
         if len(sources) == 1 or not self.config.attn_res_recompute_read or not x.requires_grad:
             return consumer(x)
         recompute = read.recompute_fn(sources, x)
@@ -219,6 +222,24 @@ class AttnResHybridStack(HybridStack):
         )
         packed = pack_summaries(completed[cache.known(chunk + 1) :])
         return cache.add_cached_gradients(packed, microbatch, chunk, "produced")
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """The identity on x that reports zero gradients for `params`. A one-source read (the model's
+    first sublayer) is bypassed, so its pseudo-query and key-norm gain are not in the graph; this
+    puts them there with the gradient they truly have, 0, so that every trainable parameter takes
+    part in each backward as megatron-core's overlapped gradient reduce (overlap_grad_reduce)
+    requires: it counts one gradient per parameter before a bucket is reduced."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.param_shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        zeros = [torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.param_shapes]
+        return (grad, *zeros)
 
 
 def _raw_output(layer, x, **layer_kwargs):

@@ -12,17 +12,28 @@ from dataclasses import dataclass
 from megatron.core import parallel_state as ps
 
 from megatron_attnres.checkpoint.format import model_signature
+from megatron_attnres.config.host import probe, resolve_implementation
 from megatron_attnres.config.megatron import (
     expert_tensor_parallel_size,
     layer_pattern,
     transformer_config,
 )
+from megatron_attnres.config.rules import check_host_support
 from megatron_attnres.config.run import RunConfig
 from megatron_attnres.mcore.compat import model_parallel_manual_seed
 from megatron_attnres.mcore.config import AttnResTransformerConfig
 from megatron_attnres.mcore.model import build_model_chunks, pipeline_pattern
 from megatron_attnres.train.engine import wrap_ddp
 from megatron_attnres.train.optimizer import optimizer_and_scheduler
+
+
+def stack_spec(run: RunConfig):
+    """The HybridModel stack spec of run.transformer_impl (None: build_model's local spec)."""
+    if run.transformer_impl == "transformer_engine":
+        from megatron_attnres.mcore.specs import attnres_te_stack_spec
+
+        return attnres_te_stack_spec()
+    return None
 
 
 def initialize_parallel(run: RunConfig) -> None:
@@ -56,6 +67,8 @@ def build_run(
     them in Megatron's DDP and create the optimizer and schedule. `pattern` overrides the run's
     cut pattern (benchmarks lay two modes out alike); `seed` reseeds the weights (default
     run.seed)."""
+    run = resolve_implementation(run)
+    check_host_support(run, probe())
     model_parallel_manual_seed(run.seed if seed is None else seed)
     config = transformer_config(run)
     pattern = pattern or pipeline_pattern(config, layer_pattern(run))
@@ -67,8 +80,14 @@ def build_run(
         position_embedding_type=None if run.multi_latent_attention else run.position_embedding_type,
         rotary_base=run.rotary_base,
         share_embeddings_and_output_weights=not run.untie_embeddings_and_output_weights,
+        stack_spec=stack_spec(run),
     )
-    chunks = wrap_ddp(chunks, use_distributed_optimizer=run.use_distributed_optimizer)
+    chunks = wrap_ddp(
+        chunks,
+        use_distributed_optimizer=run.use_distributed_optimizer,
+        overlap_grad_reduce=run.overlap_grad_reduce,
+        overlap_param_gather=run.overlap_param_gather,
+    )
     optimizer, scheduler = optimizer_and_scheduler(run, chunks)
     tied = not run.untie_embeddings_and_output_weights
     signature = model_signature(config, pattern, vocab_size, tied)

@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel.schedules import _build_default_pg_collecti
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_model_config
 
-from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator
+from megatron_attnres.mcore.pipeline import SummaryP2PCommunicator, batched_p2p_problem
 from megatron_attnres.mcore.stack import AttnResHybridStack
 from megatron_attnres.train.nonfinite import expert_biases, step_is_finite
 
@@ -48,21 +48,35 @@ def wrap_ddp(model_chunks: list, **ddp_options) -> list[DistributedDataParallel]
     _refuse_silent_wrong_results(config)
     config.finalize_model_grads_func = finalize_model_grads
     ddp_config = DistributedDataParallelConfig(**options)
-    return [
+    chunks = [
         DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(model_chunks)
     ]
+    _hand_sync_to_the_schedule(config, chunks, ddp_config)
+    return chunks
+
+
+def _one_or_list(functions: list):
+    return functions[0] if len(functions) == 1 else functions
+
+
+def _hand_sync_to_the_schedule(config, chunks, ddp_config) -> None:
+    """With overlap_grad_reduce, megatron-core's schedules start the gradient reduce themselves
+    through these config hooks, as Megatron-LM's training loop sets them (align_grad_reduce, its
+    default): no_sync holds the reduce until the last micro-batch, grad_sync_func starts it as a
+    chunk's last backward finishes. The parameter gather of overlap_param_gather needs no hook:
+    DDP's forward pre-hooks wait for it."""
+    config.no_sync_func = config.grad_sync_func = None
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = _one_or_list([chunk.no_sync for chunk in chunks])
+        config.grad_sync_func = _one_or_list([chunk.start_grad_sync for chunk in chunks])
 
 
 def _refuse_silent_wrong_results(config) -> None:
-    # Measured on megatron-core 0.19.2 over gloo (docs/architecture.md section 4): batched p2p
-    # with an interleaved pipeline gives wrong losses and gradients without any error.
     interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
-    if interleaved and config.batch_p2p_comm and dist.get_backend() == "gloo":
-        raise ValueError(
-            "batch_p2p_comm=True with an interleaved pipeline over gloo gives wrong gradients "
-            "silently; set batch_p2p_comm=False (NCCL is not affected)"
-        )
+    problem = batched_p2p_problem(config.batch_p2p_comm, interleaved, dist.get_backend())
+    if problem:
+        raise ValueError(problem)
 
 
 def make_optimizer(model_chunks: list, **options):

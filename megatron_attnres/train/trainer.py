@@ -23,6 +23,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_attnres.checkpoint.format import CONFIG
 from megatron_attnres.config.flops import flops_per_token
+from megatron_attnres.config.host import implementation_line
 from megatron_attnres.config.load import as_dict, dump, load_run_config, parse_overrides
 from megatron_attnres.config.megatron import padded_vocab_size
 from megatron_attnres.config.rules import microbatches_per_step
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if dist.get_rank() == 0:
             print(dump(run), end="", flush=True)
+            print(implementation_line(run), flush=True)
             (Path(run.run_dir) / "config.yaml").write_text(dump(run))
         try:
             trainer = Trainer(run)
@@ -349,7 +351,7 @@ def _dry_run(args, run: RunConfig) -> int:
     if args.json:
         print(json.dumps({"config": as_dict(run), "layout": layout}))
     else:
-        print(dump(run) + "\n" + format_layout(layout))
+        print(dump(run) + implementation_line(run) + "\n\n" + format_layout(layout))
     return 0 if all(layout["checks"].values()) else 1
 
 

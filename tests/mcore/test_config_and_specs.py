@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+from megatron.core.optimizer import OptimizerConfig
 
 from megatron_attnres.attnres.reference import ReferenceConfig
 from megatron_attnres.testing.reference_mapping import megatron_config
@@ -82,7 +83,7 @@ def test_cpu_compat_lists_and_makes_its_changes():
     from megatron_attnres.mcore import compat
 
     assert compat.cpu_compat_active()  # activated by the session fixture on this CUDA-less host
-    assert len(compat.CHANGES) == 4
+    assert len(compat.CHANGES) == 5
     assert torch.cuda.current_device() == "cpu"
     for name in compat.CUDA_LITERAL_MODULES:  # change 3
         module_torch = importlib.import_module(name).torch
@@ -93,6 +94,14 @@ def test_cpu_compat_lists_and_makes_its_changes():
     assert torch.zeros(1).device.type == "cpu" and torch.tensor is not module_torch.tensor
     optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
     assert optimizer_module.clip_grad_by_total_norm_fp32 is compat.clip_grad_by_total_norm_cpu
+    bf16 = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))  # change 5
+    sgd = torch.optim.SGD([bf16], lr=1.0)
+    mixed = optimizer_module.Float16OptimizerWithFloat16Params(
+        sgd, OptimizerConfig(optimizer="sgd", lr=1.0, bf16=True), None, lambda opt, cfg: None
+    )
+    assert mixed.float16_groups[0] == [bf16]  # sorted as a bf16 parameter, fp32 main copy made
+    assert mixed.fp32_from_float16_groups[0][0].dtype == torch.float32
+    assert bf16.type() == "torch.BFloat16Tensor"  # only while the optimizer is constructed
     tracker = mcore_random.get_cuda_rng_tracker()
     assert isinstance(tracker, compat.CPURNGStatesTracker)
     assert set(tracker.get_states()) == {

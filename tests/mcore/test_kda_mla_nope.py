@@ -48,14 +48,14 @@ def nope_config(use_nope: bool, **overrides):
     return AttnResMLATransformerConfig(**fields)
 
 
-def nope_mla_formula(x, w: dict, eps: float):
+def nope_mla_formula(x, w: dict, eps: float, latent_eps: float):
     """MLA without q-LoRA whose positional channels are plain (unrotated) channels."""
     s, b, _ = x.shape
     n = F.rms_norm(x, (HIDDEN,), w["input_layernorm.weight"], eps)
     q = (n @ w["self_attention.linear_q_proj.weight"].T).view(s, b, HEADS, NOPE + ROPE)
     down = n @ w["self_attention.linear_kv_down_proj.weight"].T
     latent, k_shared = down[..., :KV_RANK], down[..., KV_RANK:]
-    latent = F.rms_norm(latent, (KV_RANK,), w["self_attention.kv_layernorm.weight"], eps)
+    latent = F.rms_norm(latent, (KV_RANK,), w["self_attention.kv_layernorm.weight"], latent_eps)
     kv = (latent @ w["self_attention.linear_kv_up_proj.weight"].T).view(s, b, HEADS, -1)
     k_own, v = kv[..., :NOPE], kv[..., NOPE:]
     k = torch.cat([k_own, k_shared[:, :, None].expand(s, b, HEADS, ROPE)], dim=-1)
@@ -81,11 +81,11 @@ def layer_and_weights(use_nope: bool):
 
 def test_nope_mla_layer_matches_the_unrotated_formula():
     layer, weights = layer_and_weights(use_nope=True)
-    eps = layer.config.layernorm_epsilon
+    eps = layer.config.layernorm_epsilon, layer.config.mla_latent_norm_epsilon
     x = torch.randn(SEQ, BATCH, HIDDEN, requires_grad=True)
     out = layer(hidden_states=x, attention_mask=None)[0]
     x_ref = x.detach().clone().requires_grad_()
-    expected = nope_mla_formula(x_ref, weights, eps)
+    expected = nope_mla_formula(x_ref, weights, *eps)
     TOL.assert_close(out, expected)
     probe = torch.randn_like(out)
     (out * probe).sum().backward()
@@ -101,7 +101,8 @@ def test_rotary_mla_differs_from_the_unrotated_formula():
     x = torch.randn(SEQ, BATCH, HIDDEN)
     with torch.no_grad():
         out = layer(hidden_states=x, attention_mask=None)[0]
-        expected = nope_mla_formula(x, weights, layer.config.layernorm_epsilon)
+        eps = layer.config.layernorm_epsilon, layer.config.mla_latent_norm_epsilon
+        expected = nope_mla_formula(x, weights, *eps)
     with pytest.raises(AssertionError):
         TOL.assert_close(out, expected)
 

@@ -69,13 +69,13 @@ def logits(model, tokens):
     return model(tokens, torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ), None)
 
 
-def mla_formula(x, w: dict, eps: float):
+def mla_formula(x, w: dict, eps: float, latent_eps: float):
     """Multi-head latent attention without q-LoRA and without RoPE, written out."""
     s, b, _ = x.shape
     n = F.rms_norm(x, (HIDDEN,), w["input_layernorm.weight"], eps)
     q = (n @ w["self_attention.linear_q_proj.weight"].T).view(s, b, HEADS, QK_DIM)
     latent = n @ w["self_attention.linear_kv_down_proj.weight"].T
-    latent = F.rms_norm(latent, (KV_RANK,), w["self_attention.kv_layernorm.weight"], eps)
+    latent = F.rms_norm(latent, (KV_RANK,), w["self_attention.kv_layernorm.weight"], latent_eps)
     kv = (latent @ w["self_attention.linear_kv_up_proj.weight"].T).view(s, b, HEADS, -1)
     k, v = kv[..., :QK_DIM], kv[..., QK_DIM:]
     scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / QK_DIM**0.5
@@ -98,7 +98,7 @@ def test_mla_layer_matches_the_formula():
         if not k.endswith("_extra_state")
     }
     x_ref = x.detach().clone().requires_grad_()
-    expected = mla_formula(x_ref, weights, config.layernorm_epsilon)
+    expected = mla_formula(x_ref, weights, config.layernorm_epsilon, config.mla_latent_norm_epsilon)
     TOL.assert_close(out, expected)
 
     grad = torch.randn_like(out)

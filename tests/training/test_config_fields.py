@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import megatron_attnres.config.run as run_module
+from megatron_attnres.config.host import IMPLEMENTATION_KEYS, resolve_implementation
 from megatron_attnres.config.load import load_run_config
 from megatron_attnres.config.run import RunConfig, above, at_least, half_open, one_of
 
@@ -42,7 +43,7 @@ AT_LEAST_0 = (
 )  # fmt: skip
 ABOVE_ZERO = (
     "norm_epsilon", "init_method_std", "adam_eps", "moe_router_topk_scaling_factor",
-    "exit_duration_in_mins", "peak_tflops",
+    "exit_duration_in_mins", "peak_tflops", "mla_latent_norm_epsilon",
 )  # fmt: skip
 UNIT_INTERVAL = ("adam_beta1", "adam_beta2")  # [0, 1)
 CHOICES = {
@@ -51,6 +52,7 @@ CHOICES = {
     "moe_router_score_function": ("softmax", "sigmoid", "sqrtsoftplus"),
     "moe_token_dispatcher_type": ("allgather", "alltoall", "flex"),
     "moe_router_dtype": (None, "fp32", "fp64"),
+    "transformer_impl": (None, "local", "transformer_engine"),
     "optimizer": ("adam", "sgd", "muon"),
     "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
@@ -117,7 +119,8 @@ def test_constrained_fields_are_exactly_the_listed_ones():
 
 
 def test_defaults_and_tiny_yaml_load():
-    assert load_run_config(None) == RunConfig()
+    # Loading resolves the null GPU implementation keys for this host (config/host.py).
+    assert load_run_config(None) == resolve_implementation(RunConfig())
     assert load_run_config(TINY).num_experts == 4
 
 
@@ -168,7 +171,11 @@ def test_value_outside_the_choices_is_refused_naming_them(name):
     [(n, v) for n, allowed in sorted(CHOICES.items()) for v in allowed if (n, v) not in DEPENDENT],
 )
 def test_every_choice_is_accepted(name, value):
-    assert getattr(load_run_config(TINY, {name: value}), name) == value
+    loaded = getattr(load_run_config(TINY, {name: value}), name)
+    if name in IMPLEMENTATION_KEYS and value is None:
+        assert loaded is not None  # null means "this host's choice", resolved at load
+    else:
+        assert loaded == value
 
 
 def test_nan_policy_message_explains_the_choices():

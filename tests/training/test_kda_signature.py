@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_attnres.checkpoint.format import check_signature, model_signature
 from megatron_attnres.config.load import load_run_config
 from megatron_attnres.config.megatron import transformer_config
-from megatron_attnres.train.checkpointing import _check_signature, model_signature
 
 DEBUG = Path(__file__).resolve().parents[2] / "configs" / "kimi_linear_debug.yaml"
 PATTERN = "G-GEGE+EGEGEGE+E"
@@ -32,8 +32,8 @@ def test_a_checkpoint_of_other_kimi_fields_is_refused(field, value, tmp_path):
     saved, expected = _signature(**{field: value}), _signature()
     assert saved[field] == value and expected[field] != value  # the run's value is recorded
     with pytest.raises(ValueError, match=f"{field}: checkpoint {value!r}"):
-        _check_signature(saved, expected, tmp_path)
-    assert _check_signature(expected, expected, tmp_path) is None  # negative control
+        check_signature(saved, expected, tmp_path)
+    assert check_signature(expected, expected, tmp_path) is None  # negative control
 
 
 def test_a_checkpoint_from_before_the_kimi_fields_still_loads(tmp_path):
@@ -45,4 +45,4 @@ def test_a_checkpoint_from_before_the_kimi_fields_still_loads(tmp_path):
         "linear_conv_kernel_dim",
     )
     old = {k: v for k, v in expected.items() if k not in fields}
-    assert _check_signature(old, expected, tmp_path) is None
+    assert check_signature(old, expected, tmp_path) is None

@@ -46,7 +46,7 @@ def _model_tensors(path, scratch) -> dict[str, torch.Tensor]:
 def model_only(megatron_rank, tmp_path_factory):
     """SAVE/iter_0000000 holding the tiny model with weights drawn here (std 0.05, seed 7)."""
     from megatron_attnres.checkpoint.files import write_tracker
-    from megatron_attnres.train.checkpointing import use_in_process_writer
+    from megatron_attnres.checkpoint.format import use_in_process_writer
 
     model = tiny_model(vocab=1024).chunks[0].module
     generator = torch.Generator().manual_seed(7)

@@ -30,8 +30,8 @@ RULES = {
         ("config/rules.py", "microbatches_per_step"),
     ),
     "qk_layernorm needs MLA mixers": (
-        r"qk_layernorm\s+and\s+\"\*\"\s+in",
-        ("config/rules.py", "_check_attention"),
+        r"qk_layernorm\s+and\s+\"\*\"\s+in|\"\*\"\s+in\s+\w+\s+and\s+[\w.]*qk_layernorm",
+        ("mcore/model.py", "qk_layernorm_problem"),
     ),
 }
 

@@ -15,6 +15,9 @@ Architecture keys use Kimi Linear's config.json names. Additions:
   attn_res_block_size  transformer layers per depth block in block mode (S = 2 x this sublayers).
   attn_res_two_phase   compute depth reads block by block with the two-phase method (exact); False
                        reads every source at once per sublayer.
+  mla_latent_norm_eps  eps of the MLA latent norms (q_a_layernorm, kv_a_layernorm); rms_norm_eps is
+                       every other norm's. Kimi Linear has no key for it: its RMSNorm's default
+                       1e-6 (the default here, so its checkpoints read right).
 The shared expert is num_shared_experts x moe_intermediate_size wide (as in Kimi Linear).
 """
 
@@ -64,6 +67,7 @@ class AttnResConfig(PretrainedConfig):
         qk_rope_head_dim: int = 64,
         v_head_dim: int = 128,
         mla_use_nope: bool = True,
+        mla_latent_norm_eps: float = 1e-6,
         mixer_types: list[str] | None = None,
         linear_attn_config: dict | None = None,
         attn_res_mode: str = "block",
@@ -105,6 +109,7 @@ class AttnResConfig(PretrainedConfig):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.mla_use_nope = mla_use_nope
+        self.mla_latent_norm_eps = mla_latent_norm_eps
         self.linear_attn_config = linear_attn_config
         self.mixer_types = list(mixer_types or self._mixers_from_linear_attn_config())
         self.attn_res_mode = attn_res_mode

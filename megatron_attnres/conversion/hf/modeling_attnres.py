@@ -192,10 +192,10 @@ class AttnResMLA(nn.Module):
             self.q_proj = nn.Linear(h, q_out, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, c.q_lora_rank, bias=False)
-            self.q_a_layernorm = AttnResRMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_a_layernorm = AttnResRMSNorm(c.q_lora_rank, c.mla_latent_norm_eps)
             self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, c.kv_lora_rank + self.rope, bias=False)
-        self.kv_a_layernorm = AttnResRMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_a_layernorm = AttnResRMSNorm(c.kv_lora_rank, c.mla_latent_norm_eps)
         self.kv_b_proj = nn.Linear(
             c.kv_lora_rank, self.heads * (self.nope + self.v_dim), bias=False
         )
