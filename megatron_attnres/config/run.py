@@ -231,6 +231,13 @@ class RunConfig:
     """Adam's denominator epsilon. Megatron-LM: --adam-eps."""
     sgd_momentum: float = field(default=0.9, metadata=at_least(0))
     """Momentum of sgd. Megatron-LM: --sgd-momentum."""
+    muon_tp_mode: str = field(
+        default="duplicated", metadata=one_of("duplicated", "distributed", "blockwise")
+    )
+    """How Muon orthogonalises a tensor-parallel matrix: duplicated (gather the whole matrix, the
+    same update as one rank: this project's default), distributed (Newton-Schulz across the TP
+    ranks, also the whole matrix) or blockwise (each TP shard on its own: cheaper, but the update
+    depends on the TP size; megatron-core's default). Megatron-LM: --muon-tp-mode."""
     clip_grad: float = field(default=1.0, metadata=at_least(0))
     """Clip the global gradient L2 norm to this. Megatron-LM: --clip-grad."""
     lr_decay_style: str = field(

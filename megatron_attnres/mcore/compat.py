@@ -28,9 +28,13 @@ CHANGES = (
     "tensor factories "
     "(tensor/zeros/ones/empty/full) map device='cuda' to the CPU (loss scale, found-inf flags, "
     "grad-norm buffers, token counters, p2p buffers) and whose torch.cuda.current_stream(), "
-    "Stream() and synchronize() are CPU no-ops",
+    "Stream(), stream() and synchronize() are CPU no-ops (one stream: the alltoall "
+    "dispatcher's side stream is the current one)",
     "megatron.core.optimizer.optimizer clips gradients with clip_grad_by_total_norm_cpu (the same "
     "arithmetic as Megatron's clip_grad_by_total_norm_fp32, whose fused path asserts CUDA tensors)",
+    "the alltoall token dispatcher's split sizes become numpy arrays, as its device-to-host "
+    "copy makes them on GPU (maybe_move_tensor_to_cpu leaves CPU tensors alone, and gloo's "
+    "all_to_all_single takes lists, not tensors)",
     "Float16OptimizerWithFloat16Params (bf16/fp16 training with fp32 main params) sorts its "
     "parameters by Tensor.type() strings that only name CUDA tensors; while it is constructed, "
     "Tensor.type() of a CPU tensor answers the CUDA name of the same dtype",
@@ -45,6 +49,7 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 _ORIGINALS: dict[str, object] = {}
@@ -114,6 +119,19 @@ def _on_cpu(factory):
     return wrapped
 
 
+class _CPUEvent:
+    """Stand-in for a CUDA event: CPU work is complete when it is recorded."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+
 class _CPUStream:
     """Stand-in for a CUDA stream on the CPU, where all work is already ordered."""
 
@@ -129,6 +147,14 @@ class _CPUStream:
     def synchronize(self):
         pass
 
+    def record_event(self, event=None):
+        return _CPUEvent()
+
+    def __eq__(self, other):  # one stream on the CPU: every stand-in is the current one
+        return isinstance(other, _CPUStream)
+
+    __hash__ = object.__hash__
+
 
 class _CPUCuda(types.ModuleType):
     def __init__(self):
@@ -136,6 +162,7 @@ class _CPUCuda(types.ModuleType):
         self.Stream = _CPUStream
         self.current_stream = lambda device=None: _CPUStream()
         self.synchronize = lambda device=None: None
+        self.stream = lambda stream=None: contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -153,6 +180,14 @@ class _CPUDeviceTorch(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+def split_sizes_as_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's maybe_move_tensor_to_cpu for tensors that are already on the CPU: the numpy
+    view it would have made from a device-to-host copy (no copy, no stream)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -205,6 +240,9 @@ def activate_cpu_compat() -> tuple[str, ...]:
         module.torch = _CPUDeviceTorch()
     _ORIGINALS["clip_grad_by_total_norm_fp32"] = optimizer_module.clip_grad_by_total_norm_fp32
     optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    _ORIGINALS["token_dispatcher.maybe_move_tensor_to_cpu"] = dispatcher.maybe_move_tensor_to_cpu
+    dispatcher.maybe_move_tensor_to_cpu = split_sizes_as_numpy
     float16 = optimizer_module.Float16OptimizerWithFloat16Params
     _ORIGINALS["Float16OptimizerWithFloat16Params.__init__"] = float16.__init__
     float16.__init__ = _with_cuda_type_names(float16.__init__)

@@ -21,6 +21,8 @@ def optimizer_and_scheduler(run: RunConfig, chunks):
     )
     if run.optimizer in ("adam", "muon"):
         options.update(adam_beta1=run.adam_beta1, adam_beta2=run.adam_beta2, adam_eps=run.adam_eps)
+    if run.optimizer == "muon":
+        options.update(muon_tp_mode=run.muon_tp_mode)
     if run.optimizer == "sgd":
         options.update(sgd_momentum=run.sgd_momentum)
     optimizer = make_optimizer(chunks, **options)

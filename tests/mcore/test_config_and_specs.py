@@ -83,7 +83,7 @@ def test_cpu_compat_lists_and_makes_its_changes():
     from megatron_attnres.mcore import compat
 
     assert compat.cpu_compat_active()  # activated by the session fixture on this CUDA-less host
-    assert len(compat.CHANGES) == 5
+    assert len(compat.CHANGES) == 6
     assert torch.cuda.current_device() == "cpu"
     for name in compat.CUDA_LITERAL_MODULES:  # change 3
         module_torch = importlib.import_module(name).torch

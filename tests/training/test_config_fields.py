@@ -53,6 +53,7 @@ CHOICES = {
     "moe_token_dispatcher_type": ("allgather", "alltoall", "flex"),
     "moe_router_dtype": (None, "fp32", "fp64"),
     "transformer_impl": (None, "local", "transformer_engine"),
+    "muon_tp_mode": ("duplicated", "distributed", "blockwise"),
     "optimizer": ("adam", "sgd", "muon"),
     "lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "lr_wsd_decay_style": ("linear", "cosine", "exponential", "minus_sqrt"),
