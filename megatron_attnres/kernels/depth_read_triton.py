@@ -227,12 +227,20 @@ class LaunchConfig:
     block_hidden: int  # next power of two >= H
     num_warps: int
     max_programs: int  # backward grid bound (rows of the dq partials)
+    backward_warps: int  # the backward's (it keeps more [BLOCK_T, BLOCK_H] tensors live)
 
 
 def launch_config(
     tokens: int, hidden: int, device: torch.device, block_tokens=None, max_programs=None
 ) -> LaunchConfig:
-    """~4K fp32 elements per program tile; backward uses at most 4 programs per SM."""
+    """~4K fp32 elements per program tile; backward uses at most 4 programs per SM.
+
+    The backward keeps about twice the forward's live tiles (G, v, q, dq, dv), so it takes twice
+    the warps up to 16 while the tile is <= 4096 elements; a larger tile would need more than the
+    128 registers a thread of a 16-warp program can have, so it keeps the forward's warps (up to
+    255 registers a thread). Both compile without spills on sm_90 and sm_100 up to hidden 8192
+    (`attnres-bench kernels`, docs/benchmarks.md).
+    """
     block_hidden = triton.next_power_of_2(hidden)
     if block_tokens is None:
         block_tokens = min(16, max(1, 4096 // block_hidden))
@@ -240,11 +248,19 @@ def launch_config(
         raise ValueError(f"block_tokens must be a power of two >= 1, got {block_tokens}")
     tile = block_tokens * block_hidden
     num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+    backward_warps = min(16, 2 * num_warps) if tile <= 4096 else num_warps
     if max_programs is None:
         max_programs = 2  # the interpreter: still exercises the strided loop
         if device.type == "cuda":
             max_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return LaunchConfig(block_tokens, block_hidden, num_warps, max_programs)
+    return LaunchConfig(block_tokens, block_hidden, num_warps, max_programs, backward_warps)
+
+
+def register_limit(num_warps: int) -> int:
+    """The most registers a thread of a `num_warps` program can have (64K per SM, <= 255).
+    Passed as `maxnreg`: without it ptxas trades spills for occupancy (the backward spilled 24
+    bytes at hidden 2304 on sm_90 with 8 warps)."""
+    return min(255, 65536 // (32 * num_warps))
 
 
 def _pointer_table(tensors, device: torch.device) -> torch.Tensor:
@@ -326,7 +342,8 @@ class FusedDepthRead(torch.autograd.Function):
                 DTYPE=_tl_dtype(sources[0].dtype),
                 BLOCK_T=launch.block_tokens,
                 BLOCK_H=launch.block_hidden,
-                num_warps=launch.num_warps,
+                num_warps=launch.backward_warps,
+                maxnreg=register_limit(launch.backward_warps),
             )
         dq_H = dq_partial.sum(dim=0)
         grad_w = (dq_H * key_norm_weight.float()).to(pseudo_query.dtype) if needs[0] else None

@@ -204,6 +204,21 @@ def _pointer_table(tensors, device: torch.device) -> torch.Tensor:
     return table
 
 
+def phase1_launch(tokens: int, reads: int, hidden: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_R, BLOCK_H, num_warps) of phase 1: a [BLOCK_T, BLOCK_R, BLOCK_H] tile of
+    at most ~4K fp32 elements (H in chunks), which compiles without spills on sm_90 and sm_100
+    up to hidden 8192 (`attnres-bench kernels`)."""
+    block_t, block_r = min(4, triton.next_power_of_2(max(tokens, 1))), triton.next_power_of_2(reads)
+    block_h = min(triton.next_power_of_2(hidden), max(16, 4096 // (block_t * block_r)))
+    return block_t, block_r, block_h, 4
+
+
+def phase2_launch(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, num_warps) of phase 2: a [BLOCK_T, BLOCK_H] tile of ~2K elements."""
+    block_h = min(triton.next_power_of_2(hidden), 1024)
+    return max(1, min(16, 2048 // block_h)), block_h, 4
+
+
 def depth_read_phase1_triton(completed, queries_RH: torch.Tensor, eps: float):
     """Phase 1 for all R reads over the completed summaries at once: (max [T, R], denominator
     [T, R], unnormalised weighted sum [T, R, H]), fp32, as the torch `depth_read_phase1`."""
@@ -211,8 +226,7 @@ def depth_read_phase1_triton(completed, queries_RH: torch.Tensor, eps: float):
     sources = [c.contiguous() for c in completed]
     tokens, reads, device = sources[0].numel() // hidden, queries_RH.shape[0], sources[0].device
     queries_RH = queries_RH.to(device=device, dtype=torch.float32).contiguous()
-    block_t, block_r = min(4, triton.next_power_of_2(max(tokens, 1))), triton.next_power_of_2(reads)
-    block_h = min(triton.next_power_of_2(hidden), max(16, 4096 // (block_t * block_r)))
+    block_t, block_r, block_h, num_warps = phase1_launch(tokens, reads, hidden)
     scratch = torch.empty(len(sources), tokens, block_r, dtype=torch.float32, device=device)
     max_TR = torch.empty(tokens, reads, dtype=torch.float32, device=device)
     denom_TR = torch.empty_like(max_TR)
@@ -235,7 +249,7 @@ def depth_read_phase1_triton(completed, queries_RH: torch.Tensor, eps: float):
             BLOCK_T=block_t,
             BLOCK_R=block_r,
             BLOCK_H=block_h,
-            num_warps=4,
+            num_warps=num_warps,
         )
     return max_TR, denom_TR, acc_TRH
 
@@ -249,8 +263,7 @@ def depth_read_phase2_triton(max_T, denom_T, acc_TH, partial, query_H, eps: floa
         raise ValueError(f"acc_TH must have unit stride along H, got strides {acc_TH.stride()}")
     out = torch.empty(like.shape, dtype=like.dtype, device=acc_TH.device)
     partial = acc_TH if partial is None else partial.contiguous()  # unused pointer when None
-    block_h = min(triton.next_power_of_2(hidden), 1024)
-    block_t = max(1, min(16, 2048 // block_h))
+    block_t, block_h, num_warps = phase2_launch(hidden)
     if tokens:
         _, phase2 = _kernels()
         phase2[(triton.cdiv(tokens, block_t),)](
@@ -268,6 +281,6 @@ def depth_read_phase2_triton(max_T, denom_T, acc_TH, partial, query_H, eps: floa
             HAS_PARTIAL=partial is not acc_TH,
             BLOCK_T=block_t,
             BLOCK_H=block_h,
-            num_warps=4,
+            num_warps=num_warps,
         )
     return out
