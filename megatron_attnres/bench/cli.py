@@ -4,6 +4,8 @@
     attnres-bench op [--device cpu|cuda] [--quick] [--no-compile]
     attnres-bench model [--device ...] [--config configs/tiny.yaml] [--steps 40] [--peak-tflops X]
     attnres-bench inference [--device ...] [--quick]
+    attnres-bench kernels [--quick]     # Triton kernels compiled for sm_90/sm_100, on CPU
+    attnres-bench save [--steps 40]     # step time before / after a checkpoint save (not in all)
     attnres-bench all --device cuda --output results.json     # everything, one command
 
 Every part prints a table with the ratios measured in the same run, the device, torch version and
@@ -19,12 +21,12 @@ import torch
 
 from megatron_attnres.bench.common import write_json
 
-PARTS = ("cost", "op", "model", "inference")
+PARTS = ("cost", "op", "model", "inference", "kernels")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="attnres-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=[*PARTS, "all"])
+    parser.add_argument("part", choices=[*PARTS, "save", "all"])
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -35,7 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run config (cost: default the 48B AttnRes shape; "
         "model/inference: default configs/tiny.yaml)",
     )
-    parser.add_argument("--steps", type=int, default=40, help="model: timed steps per mode")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="model: timed steps per mode; save: per side"
+    )
     parser.add_argument("--peak-tflops", type=float, help="model: per-device peak, for MFU")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -84,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             results[part] = run_op(args.device, args.quick, compile=not args.no_compile)
         elif part == "model":
             results[part] = run_model(args)
+        elif part == "kernels":
+            from megatron_attnres.bench.kernels import run_kernels
+
+            # fla chunk_kda (minutes of compiling) only when the part is asked for by name
+            results[part] = run_kernels(args.quick, kda=args.part == "kernels")
+        elif part == "save":
+            from megatron_attnres.bench.save_step import run_save
+
+            results[part] = run_save(args.device, args.quick, args.config, args.steps)
         else:
             from megatron_attnres.bench.inference import run_inference
 

@@ -330,12 +330,21 @@ def micro_batches(
     data_parallel_rank: int = 0,
     data_parallel_size: int = 1,
     num_workers: int = 0,
+    seed: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches (dicts of stacked tensors), from `consumed_samples` on."""
+    """This rank's micro-batches (dicts of stacked tensors), from `consumed_samples` on.
+
+    Creating the iterator draws nothing from torch's global RNG: the loader draws its workers'
+    base seed from its own generator (seeded with `seed`), so a resumed run, which restores the
+    global RNG before it asks for its data, continues the uninterrupted run's stream."""
     sampler = pretraining_sampler(
         len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)

@@ -18,6 +18,7 @@ and `finetune: true` load the model weights alone and start at step 0 with a fre
 and schedule.
 """
 
+import contextlib
 import dataclasses
 import random
 import shutil
@@ -49,6 +50,18 @@ def _unwrap(chunk):
     return chunk
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's `random` and numpy's global generator from the run seed, per pipeline stage
+    as Megatron-LM's _set_random_seed does (seed + 100 x pipeline rank). torch's generator and
+    Megatron's tracker states are seeded by model_parallel_manual_seed; rng_state() records all
+    of them in every checkpoint, so a resumed run continues each stream where it stopped."""
+    from megatron.core import parallel_state as ps
+
+    seed += 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def rng_state() -> dict:
     return {
         "random": random.getstate(),
@@ -66,6 +79,28 @@ def set_rng_state(state: dict) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """Run a checkpoint's collectives with one ATen intra-op thread (issue 21: every step after
+    the first save was ~1.7x slower).
+
+    dist_checkpointing's collectives (the metadata all_gather_object, the write results'
+    gather_object: ~36 KB byte tensors on the tiny model) run in gloo's worker threads, and a copy
+    there above ATen's grain size starts an OpenMP thread pool in that worker. Such a thread takes
+    torch's intra-op thread count the first time it runs ATen code and keeps it, and its pool
+    lives as long as the process group. With those pools libgomp manages more OpenMP threads than
+    there are CPUs and cuts the spin-wait of every pool (300000 spins to 100), the training
+    thread's included: from then on each parallel op wakes its workers through the kernel
+    (a 64K-element add: 10 us -> 50 us). Gloo's threads that first run ATen code here run it
+    serially, now and later."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _model_state(chunks) -> dict:
@@ -109,6 +144,7 @@ def _agreed(value):
     return box[0]
 
 
+@_one_intra_op_thread()
 def save_checkpoint(
     save: str | Path,
     chunks,
@@ -185,6 +221,7 @@ def find_checkpoint(load: str | Path) -> files.Choice:
     return choice
 
 
+@_one_intra_op_thread()
 def load_checkpoint(
     path: str | Path,
     chunks,

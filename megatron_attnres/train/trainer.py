@@ -144,6 +144,9 @@ class Trainer:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             (self.save_dir / CONFIG).write_text(dump(run))
         self.on_disk = None  # the iteration whose checkpoint in save_dir this process matches
+        # Python's and numpy's streams start from the run seed (torch's and Megatron's tracker
+        # states were seeded when the model was built); a resume replaces all of them.
+        ckpt.seed_host_rngs(run.seed)
         self.progress = self._resume()
         faults.install(self.chunks)  # test-only hooks; inert unless ATTNRES_FAULT* is set
         reads = schedule.read_source_counts()
@@ -175,6 +178,7 @@ class Trainer:
             0,
             data_parallel_rank=self.dp_rank,
             data_parallel_size=self.dp,
+            seed=self.run.seed,
         )
         losses = []
         for chunk in self.chunks:
@@ -213,6 +217,7 @@ class Trainer:
             data_parallel_rank=self.dp_rank,
             data_parallel_size=self.dp,
             num_workers=run.num_workers,
+            seed=run.seed,
         )
         started, valid_loss, reason = time.monotonic(), None, "done"
         try:
