@@ -84,7 +84,7 @@ def set_rng_state(state: dict) -> None:
 @contextlib.contextmanager
 def _one_intra_op_thread():
     """Run a checkpoint's collectives with one ATen intra-op thread (issue 21: every step after
-    the first save was ~1.7x slower).
+    the first save was ~1.7x slower on CPU).
 
     dist_checkpointing's collectives (the metadata all_gather_object, the write results'
     gather_object: ~36 KB byte tensors on the tiny model) run in gloo's worker threads, and a copy
@@ -92,15 +92,27 @@ def _one_intra_op_thread():
     torch's intra-op thread count the first time it runs ATen code and keeps it, and its pool
     lives as long as the process group. With those pools libgomp manages more OpenMP threads than
     there are CPUs and cuts the spin-wait of every pool (300000 spins to 100), the training
-    thread's included: from then on each parallel op wakes its workers through the kernel
-    (a 64K-element add: 10 us -> 50 us). Gloo's threads that first run ATen code here run it
-    serially, now and later."""
+    thread's included: from then on each parallel op wakes its workers through the kernel (a
+    64K-element add on the 2-core test VM: ~10 us -> ~50 us). Gloo's threads that first run ATen
+    code here run it serially, now and later. See pin_intra_op_threads for the one thing
+    torch.set_num_threads changes beyond the thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def pin_intra_op_threads() -> None:
+    """Set torch's intra-op thread count to its current value; call it once at the start of a run,
+    before any checkpoint is saved or loaded.
+
+    torch.set_num_threads also turns MKL's dynamic threading off, for good (torch cannot turn it
+    back on), so the first _one_intra_op_thread would change the GEMMs of every later step
+    (measured interleaved on the tiny config: 1.5-6% slower steps with it off). Made here, the
+    change falls before the first step and a run's steps before and after a save are alike."""
+    torch.set_num_threads(torch.get_num_threads())
 
 
 def _model_state(chunks) -> dict:

@@ -147,6 +147,7 @@ class Trainer:
         # Python's and numpy's streams start from the run seed (torch's and Megatron's tracker
         # states were seeded when the model was built); a resume replaces all of them.
         ckpt.seed_host_rngs(run.seed)
+        ckpt.pin_intra_op_threads()  # before the first checkpoint load or save (its docstring)
         self.progress = self._resume()
         faults.install(self.chunks)  # test-only hooks; inert unless ATTNRES_FAULT* is set
         reads = schedule.read_source_counts()
